@@ -1,0 +1,79 @@
+"""Small validation helpers: every user mistake becomes a ValueError/TypeError that names the argument,
+says what was expected, what came, and (where one helps) a hint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(
+    name: str,
+    x: object,
+    *,
+    min_ndim: int | None = None,
+    ndim: int | Sequence[int] | None = None,
+    floating: bool = False,
+    boolean: bool = False,
+    hint: str = "",
+) -> Tensor:
+    """Return ``x`` if it is a tensor of the right kind, else raise naming ``name``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}.{_h(hint)}")
+    if floating and not (x.is_floating_point()):
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64); got {x.dtype}."
+            f"{_h(hint or 'convert with .float()')}"
+        )
+    if boolean and x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a boolean tensor (True = may attend); got {x.dtype}.{_h(hint)}")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions; got shape {tuple(x.shape)}.{_h(hint)}"
+        )
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions; got shape {tuple(x.shape)}.{_h(hint)}")
+    return x
+
+
+def check_broadcast(name: str, shape: Sequence[int], target: Sequence[int], hint: str = "") -> None:
+    """Raise unless ``shape`` broadcasts to exactly ``target``."""
+    target = tuple(target)
+    try:
+        out = torch.broadcast_shapes(tuple(shape), target)
+    except RuntimeError:
+        out = None
+    if out != target:
+        raise ValueError(
+            f"{name} must broadcast to {_dims(target)} = {target}; got {tuple(shape)}.{_h(hint)}"
+        )
+
+
+def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} ({value!r}).")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}.")
+    return value
+
+
+def check_probability(name: str, p: object) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1); got {type(p).__name__}.")
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1); got {p}.")
+    return float(p)
+
+
+def _dims(target: tuple[int, ...]) -> str:
+    letters = {2: "(L, S)", 3: "(B, L, S)", 4: "(B, H, L, S)"}
+    return letters.get(len(target), "the scores' shape")
+
+
+def _h(hint: str) -> str:
+    return f" {hint}" if hint else ""

@@ -1,0 +1,1 @@
+"""Interchangeable implementations of :func:`attnkit.functional.attention` (see :mod:`.dispatch`)."""
