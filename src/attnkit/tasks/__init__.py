@@ -1,0 +1,1 @@
+"""Recipes: end-to-end jobs built on attnkit's modules (translation, speech, vision, graphs, language models)."""
