@@ -1,0 +1,313 @@
+"""A drop-in replacement for ``torch.nn.MultiheadAttention`` that runs on :func:`attnkit.functional.attention`.
+
+Same constructor, same parameter names (``load_state_dict(torch_module.state_dict())`` works both ways),
+same ``forward`` signature and return values, same layouts (seq-first by default) and torch's mask meaning:
+a boolean ``key_padding_mask`` / ``attn_mask`` entry of True means IGNORE, a float one is added to the scores.
+This is the one place in attnkit that accepts that meaning; masks are converted at the boundary into attnkit's
+(True = may attend) ``mask`` and a float ``bias``.
+
+Letters: ``N`` batch, ``L`` target length, ``S`` source length, ``E`` embed_dim, ``H`` num_heads,
+``D`` head_dim.
+
+One deliberate difference: a query that may attend to no key gets zero weights and a zero attention output
+(plus the output projection's bias), where torch returns NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnkit._checks import check_int, check_probability
+from attnkit.functional.attention import attention
+
+__all__ = ["MultiheadAttention"]
+
+
+class CompatError(ValueError, RuntimeError):
+    """Bad input where torch raises ``RuntimeError``/``AssertionError``; a ``ValueError`` too (attnkit's rule)."""
+
+
+class MultiheadAttention(nn.Module):
+    """``torch.nn.MultiheadAttention``'s interface on attnkit's attention.
+
+    ``out = concat_h softmax(Q_h K_h^T / sqrt(D) + attn_mask + key_padding_mask) V_h  W_o``
+
+    Args:
+        embed_dim: ``E``, size of queries and of the output.
+        num_heads: ``H``; must divide ``embed_dim``.
+        dropout: dropout on the attention weights (training mode only).
+        bias: biases on the input and output projections (``in_proj_bias``, ``out_proj.bias``).
+        add_bias_kv: append a learned key ``bias_k`` and value ``bias_v`` to the key/value sequences.
+        add_zero_attn: append a zero key and value (per head, after projection).
+        kdim, vdim: key / value input sizes (default ``E``; otherwise ``q/k/v_proj_weight`` replace
+            ``in_proj_weight``).
+        batch_first: inputs are ``(N, L, E)`` instead of ``(L, N, E)``.
+        device, dtype: passed to the parameters.
+
+    Shape:
+        - query ``(L, N, E)`` / ``(N, L, E)`` batch-first / ``(L, E)`` unbatched; key ``(S, N, E_k)``;
+          value ``(S, N, E_v)`` in the same layout.
+        - key_padding_mask ``(N, S)`` (``(S,)`` unbatched); attn_mask ``(L, S)`` or ``(N * H, L, S)``.
+        - output in the query's layout; weights ``(N, L, S)`` averaged or ``(N, H, L, S)`` per head
+          (``(L, S)`` / ``(H, L, S)`` unbatched).
+
+    Raises:
+        ValueError: non-positive sizes, ``embed_dim`` not divisible by ``num_heads``, bad ``dropout``.
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_int("embed_dim", embed_dim, minimum=1)
+        check_int("num_heads", num_heads, minimum=1)
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads; got embed_dim={embed_dim}, num_heads={num_heads}."
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = embed_dim if kdim is None else check_int("kdim", kdim, minimum=1)
+        self.vdim = embed_dim if vdim is None else check_int("vdim", vdim, minimum=1)
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = check_probability("dropout", dropout)
+        self.batch_first = bool(batch_first)
+        self.head_dim = embed_dim // num_heads
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = bool(add_zero_attn)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """The initialisation of ``torch.nn.MultiheadAttention``."""
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Compute attention as ``torch.nn.MultiheadAttention.forward`` does.
+
+        Args:
+            query, key, value: see the class ``Shape`` block.
+            key_padding_mask: bool (True = ignore that key) or float (added) ``(N, S)``.
+            need_weights: also return the attention weights (otherwise the second item is ``None``).
+            attn_mask: bool (True = ignore) or float (added) ``(L, S)`` or ``(N * H, L, S)``.
+            average_attn_weights: average the returned weights over heads.
+            is_causal: a hint that ``attn_mask`` is the causal mask; as in torch, it needs ``attn_mask``.
+
+        Returns:
+            ``(attn_output, attn_weights or None)``.
+
+        Raises:
+            TypeError / ValueError (:class:`CompatError`, also a ``RuntimeError``): wrong ranks or sizes,
+            masks of the wrong shape or dtype, ``is_causal`` without ``attn_mask``.
+        """
+        is_batched = self._check_inputs(query, key, value)
+        if not is_batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)  # (1, ., E)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)  # (1, S)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)  # (N, ., E)
+        N, L, E = query.shape
+        S = key.shape[1]
+        H, D = self.num_heads, self.head_dim
+        if is_causal and attn_mask is None:
+            raise CompatError(
+                "is_causal=True needs attn_mask (as in torch.nn.MultiheadAttention); pass "
+                "attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(L)."
+            )
+        allowed, add = self._convert_masks(key_padding_mask, attn_mask, N, L, S, query.dtype)
+
+        # Q = query W_q + b_q, K = key W_k + b_k, V = value W_v + b_v
+        w_q, w_k, w_v = self._in_proj_weights()
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, w_q, b_q)  # (N, L, E)
+        k = F.linear(key, w_k, b_k)  # (N, S, E)
+        v = F.linear(value, w_v, b_v)  # (N, S, E)
+        extra = 0
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)  # (N, S+1, E)
+            v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)  # (N, S+1, E)
+            extra += 1
+        q = q.view(N, L, H, D).transpose(1, 2)  # (N, H, L, D)
+        k = k.view(N, S + extra, H, D).transpose(1, 2)  # (N, H, S', D)
+        v = v.view(N, S + extra, H, D).transpose(1, 2)  # (N, H, S', D)
+        if self.add_zero_attn:
+            zeros = k.new_zeros(N, H, 1, D)  # (N, H, 1, D)
+            k = torch.cat([k, zeros], dim=2)  # (N, H, S'+1, D)
+            v = torch.cat([v, zeros], dim=2)  # (N, H, S'+1, D)
+            extra += 1
+        if extra:
+            # the appended keys are never masked
+            if allowed is not None:
+                allowed = F.pad(allowed, (0, extra), value=True)  # (., ., ., S + extra)
+            if add is not None:
+                add = F.pad(add, (0, extra), value=0.0)  # (., ., ., S + extra)
+
+        dropout_p = self.dropout if self.training else 0.0
+        res = attention(q, k, v, mask=allowed, bias=add, dropout_p=dropout_p, return_weights=need_weights)
+        out, weights = res if need_weights else (res, None)
+        out = self.out_proj(out.transpose(1, 2).reshape(N, L, E))  # (N, L, E)
+        if not is_batched:
+            out = out.squeeze(0)  # (L, E)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)  # (L, N, E)
+        if weights is not None:
+            if average_attn_weights:
+                weights = weights.mean(dim=1)  # (N, L, S)
+            if not is_batched:
+                weights = weights.squeeze(0)  # (L, S) or (H, L, S)
+        return out, weights
+
+    # ------------------------------------------------------------------ helpers
+    def _in_proj_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._qkv_same_embed_dim:
+            return self.in_proj_weight.chunk(3)  # 3 x (E, E)
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def _check_inputs(self, query, key, value) -> bool:
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+                raise TypeError(f"{name} must be a floating-point tensor; got {got}.")
+        if query.ndim not in (2, 3):
+            raise CompatError(
+                f"query must be 3-D (batched) or 2-D (unbatched); got shape {tuple(query.shape)}."
+            )
+        for name, x in (("key", key), ("value", value)):
+            if x.ndim != query.ndim:
+                raise CompatError(
+                    f"{name} must have as many dimensions as query ({query.ndim}-D); got shape {tuple(x.shape)}."
+                )
+            if x.dtype != query.dtype or x.device != query.device:
+                raise TypeError(
+                    f"{name} must have the dtype and device of query ({query.dtype}, {query.device}); "
+                    f"got ({x.dtype}, {x.device})."
+                )
+        for name, x, size, dim_name in (
+            ("query", query, self.embed_dim, "embed_dim"),
+            ("key", key, self.kdim, "kdim"),
+            ("value", value, self.vdim, "vdim"),
+        ):
+            if x.shape[-1] != size:
+                raise CompatError(f"{name} last dimension must equal {dim_name}={size}; got {tuple(x.shape)}.")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise CompatError(
+                f"key and value must have the same shape except the last dimension; got key "
+                f"{tuple(key.shape)}, value {tuple(value.shape)}."
+            )
+        batch_dim = 0 if self.batch_first else 1
+        if query.ndim == 3 and query.shape[batch_dim] != key.shape[batch_dim]:
+            layout = "(N, L, E)" if self.batch_first else "(L, N, E) (batch_first=False)"
+            raise CompatError(
+                f"query and key must have the same batch size in layout {layout}; got query "
+                f"{tuple(query.shape)}, key {tuple(key.shape)}."
+            )
+        return query.ndim == 3
+
+    def _convert_masks(self, key_padding_mask, attn_mask, N, L, S, dtype) -> tuple[Tensor | None, Tensor | None]:
+        """torch masks (bool True = ignore; float = added) -> attnkit ``(allowed, bias)``, each (N|1, H|1, L|1, S)."""
+        H = self.num_heads
+        allowed = add = None
+        if attn_mask is not None:
+            _check_torch_mask("attn_mask", attn_mask)
+            if attn_mask.ndim == 2:
+                if tuple(attn_mask.shape) != (L, S):
+                    raise CompatError(f"attn_mask 2-D must have shape (L, S) = {(L, S)}; got {tuple(attn_mask.shape)}.")
+                m = attn_mask.view(1, 1, L, S)  # (1, 1, L, S)
+            elif attn_mask.ndim == 3:
+                if tuple(attn_mask.shape) != (N * H, L, S):
+                    raise CompatError(
+                        f"attn_mask 3-D must have shape (N * num_heads, L, S) = {(N * H, L, S)}; got "
+                        f"{tuple(attn_mask.shape)}."
+                    )
+                m = attn_mask.view(N, H, L, S)  # (N, H, L, S)
+            else:
+                raise CompatError(f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S); got {attn_mask.ndim}-D.")
+            if m.dtype == torch.bool:
+                allowed = ~m  # torch: True = ignore -> attnkit: True = may attend
+            else:
+                add = m.to(dtype)
+        if key_padding_mask is not None:
+            _check_torch_mask("key_padding_mask", key_padding_mask)
+            if tuple(key_padding_mask.shape) != (N, S):
+                raise CompatError(
+                    f"key_padding_mask must have shape (N, S) = {(N, S)} ((S,) unbatched); got "
+                    f"{tuple(key_padding_mask.shape)}."
+                )
+            m = key_padding_mask.view(N, 1, 1, S)  # (N, 1, 1, S)
+            if m.dtype == torch.bool:
+                allowed = ~m if allowed is None else allowed & ~m
+            else:
+                add = m.to(dtype) if add is None else add + m.to(dtype)
+        if add is not None:
+            # -inf in a float mask is a hard mask: move it to `allowed` so fully masked rows give zeros, not NaN
+            blocked = add == float("-inf")
+            if bool(blocked.any()):
+                allowed = ~blocked if allowed is None else allowed & ~blocked
+                add = add.masked_fill(blocked, 0.0)
+        return allowed, add
+
+
+def _check_torch_mask(name: str, m) -> None:
+    if not isinstance(m, Tensor):
+        raise TypeError(f"{name} must be a tensor (bool: True = ignore, or float: added); got {type(m).__name__}.")
+    if m.dtype != torch.bool and not m.is_floating_point():
+        raise TypeError(
+            f"{name} must be bool (True = ignore) or floating point (added to the scores); got {m.dtype}. "
+            "Convert with .bool()."
+        )
