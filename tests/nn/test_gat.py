@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnkit.nn import gat as gat_module
 from attnkit.nn.gat import GATConv
 
 
@@ -49,17 +48,9 @@ def _graph():
     return torch.tensor(edges).T, 7
 
 
-@pytest.fixture(params=["installed", "plain"])
-def edge_ops(request, monkeypatch):
-    """Run each test with the edge kernels GATConv finds and with its own plain scatter versions."""
-    if request.param == "plain":
-        monkeypatch.setattr(gat_module, "_edge_ops", lambda: (gat_module._edge_softmax, gat_module._edge_aggregate))
-    return request.param
-
-
 @pytest.mark.parametrize("concat", [True, False])
 @pytest.mark.parametrize("add_self_loops", [True, False])
-def test_forward_matches_dense_reference(edge_ops, concat, add_self_loops):
+def test_forward_matches_dense_reference(concat, add_self_loops):
     torch.manual_seed(0)
     edge_index, n = _graph()
     layer = GATConv(5, 3, heads=4, concat=concat, add_self_loops=add_self_loops).double().eval()
@@ -75,7 +66,7 @@ def test_forward_matches_dense_reference(edge_ops, concat, add_self_loops):
     assert (p > 0).any() and (p == 0).any()  # the reference really masks
 
 
-def test_self_loops_are_not_duplicated(edge_ops):
+def test_self_loops_are_not_duplicated():
     edge_index, n = _graph()
     layer = GATConv(5, 2, heads=2).eval()
     _, (ei, w) = layer(torch.randn(n, 5), edge_index, return_weights=True)
@@ -86,7 +77,7 @@ def test_self_loops_are_not_duplicated(edge_ops):
     assert w.shape == (ei.shape[1], 2)
 
 
-def test_weights_sum_to_one_over_in_edges_and_isolated_node_gets_nothing(edge_ops):
+def test_weights_sum_to_one_over_in_edges_and_isolated_node_gets_nothing():
     torch.manual_seed(1)
     edge_index, n = _graph()
     layer = GATConv(5, 2, heads=3, add_self_loops=False, bias=True).eval()
@@ -101,7 +92,7 @@ def test_weights_sum_to_one_over_in_edges_and_isolated_node_gets_nothing(edge_op
     torch.testing.assert_close(out[6], layer.bias.detach())  # zero aggregate + bias, not NaN
 
 
-def test_isolated_node_with_self_loop_sees_only_itself(edge_ops):
+def test_isolated_node_with_self_loop_sees_only_itself():
     torch.manual_seed(2)
     edge_index, n = _graph()
     layer = GATConv(5, 4, heads=2, bias=False).eval()
@@ -110,13 +101,13 @@ def test_isolated_node_with_self_loop_sees_only_itself(edge_ops):
     torch.testing.assert_close(out[6], layer.lin(x[6]))  # weight 1 on its own loop
 
 
-def test_no_edges_at_all(edge_ops):
+def test_no_edges_at_all():
     layer = GATConv(3, 2, heads=2, add_self_loops=False).eval()
     out = layer(torch.randn(4, 3), torch.empty(2, 0, dtype=torch.long))
     torch.testing.assert_close(out, layer.bias.detach().expand(4, 4))
 
 
-def test_gradcheck_float64_tiny_graph(edge_ops):
+def test_gradcheck_float64_tiny_graph():
     torch.manual_seed(3)
     edge_index, n = _graph()
     layer = GATConv(4, 2, heads=2, dropout=0.0).double()

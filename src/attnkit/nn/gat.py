@@ -21,39 +21,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from attnkit._checks import check_int, check_probability
+from attnkit.kernels.graph import edge_aggregate, edge_softmax
 
 __all__ = ["GATConv", "add_remaining_self_loops"]
-
-
-def _edge_ops():
-    """The edge-list kernels: ``attnkit.kernels.graph`` once it exists, else the plain versions below."""
-    try:
-        from attnkit.kernels.graph import edge_aggregate, edge_softmax
-    except ModuleNotFoundError as exc:  # not there yet: the plain scatter versions give the same numbers
-        if exc.name != "attnkit.kernels.graph":
-            raise
-        return _edge_softmax, _edge_aggregate
-    return edge_softmax, edge_aggregate
-
-
-def _edge_softmax(scores: Tensor, index: Tensor, num_nodes: int) -> Tensor:
-    """Softmax of ``scores`` (E, H) over the edges that share a target ``index`` (E,)."""
-    e, h = scores.shape
-    work = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
-    idx = index.unsqueeze(1).expand(e, h)  # (E, H)
-    # the row maximum only shifts the exponent (softmax does not change), so no gradient flows through it
-    m = work.new_full((num_nodes, h), -math.inf).scatter_reduce(0, idx, work.detach(), "amax")  # (N, H)
-    ex = torch.exp(work - m[index])  # (E, H)
-    den = work.new_zeros((num_nodes, h)).index_add(0, index, ex)  # (N, H)
-    return (ex / den[index]).to(scores.dtype)  # (E, H)
-
-
-def _edge_aggregate(weights: Tensor, value: Tensor, edge_index: Tensor, num_nodes: int) -> Tensor:
-    """``out[dst] += weights * value[src]`` for every edge ``src -> dst``."""
-    src, dst = edge_index[0], edge_index[1]
-    msg = weights.unsqueeze(-1) * value[src]  # (E, H, D)
-    out = value.new_zeros((num_nodes,) + tuple(value.shape[1:]))  # (N, H, D)
-    return out.index_add(0, dst, msg)  # (N, H, D)
 
 
 def add_remaining_self_loops(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -187,7 +157,6 @@ class GATConv(nn.Module):
         if self.add_self_loops:
             edge_index = add_remaining_self_loops(edge_index, n)  # (2, E')
         src, dst = edge_index[0], edge_index[1]
-        edge_softmax, edge_aggregate = _edge_ops()
 
         # h = W x, split into heads
         h = self.lin(x).view(n, self.heads, self.out_features)  # (N, H, D)
