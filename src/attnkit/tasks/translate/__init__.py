@@ -1,0 +1,7 @@
+"""``attnkit translate``: train an attention translator and see where it looks.
+
+Pieces, one per file: ``tokenize`` (text <-> tokens), ``vocab`` (tokens <-> ids), ``data`` (the embedded
+date task with gold alignments, the Tatoeba loader, the split), ``models`` (GRU + additive / Luong attention,
+Transformer), ``train`` (loop, checkpoints, resume), ``decode`` (greedy, beam), ``metrics`` (BLEU, exact match,
+alignment accuracy), ``checkpoint`` (safetensors + JSON) and ``cli``.
+"""

@@ -1,0 +1,110 @@
+"""Turning a trained model into output words: greedy search and beam search."""
+
+from __future__ import annotations
+
+import torch
+
+from attnkit.tasks.translate.models.base import Seq2Seq
+
+
+@torch.no_grad()
+def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, *, bos: int, eos: int,
+           max_len: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Pick the most likely word at each step, for a whole batch at once.
+
+    Returns per sentence the output ids (without ``<eos>``) and the attention ``(T_i, S_i)`` of each output
+    step (the step that produced ``<eos>`` included when there is one).
+
+    Shape:
+        - src ``(B, S)``, src_lens ``(B,)``
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    B = src.shape[0]
+    state = model.encode(src, src_lens)
+    y = torch.full((B,), bos, dtype=torch.long, device=src.device)
+    done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    ids, weights = [], []
+    for _ in range(max_len):
+        logits, state, w = model.step(y, state)  # (B, V), state, (B, S)
+        y = logits.argmax(-1)  # (B,)
+        ids.append(torch.where(done, torch.full_like(y, eos), y))
+        weights.append(w)
+        done |= y == eos
+        if bool(done.all()):
+            break
+    ids_t = torch.stack(ids, 1).tolist()  # (B, T)
+    w_t = torch.stack(weights, 1)  # (B, T, S)
+    out_ids, out_w = [], []
+    for b in range(B):
+        seq = ids_t[b]
+        n = seq.index(eos) if eos in seq else len(seq)
+        out_ids.append(seq[:n])
+        steps = min(n + 1, len(seq))
+        out_w.append(w_t[b, :steps, : int(src_lens[b])])
+    return out_ids, out_w
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, *, bos: int, eos: int,
+                max_len: int, beam_size: int = 4, length_penalty: float = 0.0
+                ) -> tuple[list[int], torch.Tensor, float]:
+    """Keep the ``beam_size`` best prefixes at each step; return the best finished hypothesis.
+
+    Hypotheses are ranked by ``log p(y) / len(y) ** length_penalty`` (``len`` counts ``<eos>``); with
+    ``length_penalty = 0`` the plain log-probability, so a beam as wide as all prefixes finds the most likely
+    output of at most ``max_len`` words exactly. A hypothesis that reaches ``max_len`` without ``<eos>`` is
+    kept as finished.
+
+    Returns ``(ids without <eos>, attention (T, S), score)`` for the one sentence in ``src (1, S)``.
+    """
+    if src.shape[0] != 1:
+        raise ValueError(f"beam_search decodes one sentence: src must be (1, S), got {tuple(src.shape)}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    S = int(src_lens[0])
+    state = model.encode(src, src_lens)
+    seqs = [[]]  # live prefixes
+    logps = torch.zeros(1)
+    hist = torch.zeros(1, 0, S)  # (K, t, S) attention of each live prefix
+    y = torch.full((1,), bos, dtype=torch.long)
+    finished: list[tuple[float, list[int], torch.Tensor]] = []
+
+    def rank(logp: float, length: int) -> float:
+        return logp / (length ** length_penalty) if length_penalty else logp
+
+    for t in range(max_len):
+        logits, state, w = model.step(y, state)  # (K, V), state, (K, S_pad)
+        hist = torch.cat([hist, w[:, None, :S].float()], dim=1)  # (K, t + 1, S)
+        cand = (logps[:, None] + logits.float().log_softmax(-1)).flatten()  # (K * V)
+        V = logits.shape[-1]
+        order = cand.argsort(descending=True)
+        keep_rows, keep_tok, keep_lp = [], [], []
+        for idx in order.tolist():
+            row, tok = divmod(idx, V)
+            lp = float(cand[idx])
+            if tok == eos or t == max_len - 1:
+                seq = seqs[row] if tok == eos else seqs[row] + [tok]
+                finished.append((rank(lp, t + 1), seq, hist[row]))
+            else:
+                keep_rows.append(row)
+                keep_tok.append(tok)
+                keep_lp.append(lp)
+            if len(keep_rows) == beam_size or (t == max_len - 1 and len(finished) >= beam_size):
+                break
+        if not keep_rows:
+            break
+        # with no length penalty scores only fall, so a finished hypothesis that beats every live one wins
+        best_done = max((f[0] for f in finished), default=float("-inf"))
+        if length_penalty == 0 and best_done >= max(keep_lp):
+            break
+        if length_penalty and len(finished) >= beam_size:
+            break
+        index = torch.tensor(keep_rows)
+        state = model.reorder_state(state, index)
+        hist = hist.index_select(0, index)
+        seqs = [seqs[r] + [tok] for r, tok in zip(keep_rows, keep_tok, strict=True)]
+        logps = torch.tensor(keep_lp)
+        y = torch.tensor(keep_tok, dtype=torch.long)
+    score, seq, att = max(finished, key=lambda f: f[0])
+    return seq, att, score

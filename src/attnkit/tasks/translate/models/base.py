@@ -1,0 +1,50 @@
+"""The shared interface of the translators and the factory that builds one from a JSON-able config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODEL_KINDS = ("bahdanau", "luong", "transformer")
+
+
+class Seq2Seq(nn.Module):
+    """Base class: subclasses implement ``encode``, ``step`` and ``forward`` (see the package docstring)."""
+
+    def encode(self, src: torch.Tensor, src_lens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def step(self, y_prev: torch.Tensor, state: tuple[torch.Tensor, ...]):
+        raise NotImplementedError
+
+    @staticmethod
+    def reorder_state(state: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pick batch rows ``index`` of every tensor in ``state`` (beam search)."""
+        return tuple(s.index_select(0, index) for s in state)
+
+
+def build_model(config: dict) -> Seq2Seq:
+    """Build a model from ``config`` (``kind`` plus sizes, as saved in a checkpoint's JSON)."""
+    kind = config.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
+    keys = {"src_vocab", "tgt_vocab", "embed_dim", "hidden", "num_layers", "dropout"}
+    if kind == "transformer":
+        keys |= {"num_heads", "ff_dim", "max_len"}
+    if kind == "luong":
+        keys |= {"score"}
+    missing = sorted(keys - set(config))
+    if missing:
+        raise ValueError(f"model config for {kind!r} misses {missing}; got keys {sorted(config)}")
+    args = {k: config[k] for k in keys}
+    if kind == "bahdanau":
+        from attnkit.tasks.translate.models.bahdanau import BahdanauSeq2Seq
+
+        return BahdanauSeq2Seq(**args)
+    if kind == "luong":
+        from attnkit.tasks.translate.models.luong import LuongSeq2Seq
+
+        return LuongSeq2Seq(**args)
+    from attnkit.tasks.translate.models.transformer import TransformerSeq2Seq
+
+    return TransformerSeq2Seq(**args)

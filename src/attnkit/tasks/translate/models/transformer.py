@@ -1,0 +1,92 @@
+"""Transformer encoder-decoder built from attnkit's layers (pre-norm), sinusoidal positions, padding and
+causal masks.
+
+    x = embed(tokens) * sqrt(d) + PE;  encoder: N x [self-attention (source padding mask), feed-forward]
+    decoder: N x [causal self-attention, cross-attention on the encoder output (source padding), feed-forward]
+    p(y_t) = softmax(W_o LayerNorm(x_t))
+
+Paper: https://arxiv.org/abs/1706.03762
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from attnkit import masks
+from attnkit.nn.positional import SinusoidalPositionalEncoding
+from attnkit.nn.transformer import TransformerDecoderLayer, TransformerEncoderLayer
+from attnkit.tasks.translate.models.base import Seq2Seq
+
+
+class TransformerSeq2Seq(Seq2Seq):
+    """A pre-norm Transformer translator.
+
+    Args:
+        hidden: model width ``d``; num_heads: heads per attention; ff_dim: feed-forward width;
+        num_layers: encoder and decoder layers each; max_len: longest sequence the positions cover.
+
+    Shape:
+        - src ``(B, S)``, src_lens ``(B,)``, tgt_in ``(B, T)``
+        - logits ``(B, T, tgt_vocab)``; attn["weights"] ``(B, T, S)`` (last layer, mean over heads),
+          attn["layers"]: per decoder layer the cross-attention ``(B, H, T, S)``,
+          attn["self_layers"]: per layer the decoder self-attention ``(B, H, T, T)``
+    """
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, embed_dim: int, hidden: int, num_layers: int,
+                 dropout: float, num_heads: int, ff_dim: int, max_len: int):
+        super().__init__()
+        del embed_dim  # the Transformer's embeddings have the model width
+        self.d = hidden
+        self.src_embed = nn.Embedding(src_vocab, hidden, padding_idx=0)
+        self.tgt_embed = nn.Embedding(tgt_vocab, hidden, padding_idx=0)
+        self.pos = SinusoidalPositionalEncoding(hidden, max_len, dropout)
+        self.enc_layers = nn.ModuleList(TransformerEncoderLayer(hidden, num_heads, ff_dim, dropout, norm_first=True)
+                                        for _ in range(num_layers))
+        self.dec_layers = nn.ModuleList(TransformerDecoderLayer(hidden, num_heads, ff_dim, dropout, norm_first=True)
+                                        for _ in range(num_layers))
+        self.enc_norm = nn.LayerNorm(hidden)
+        self.dec_norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, tgt_vocab)
+
+    def _encode(self, src, src_lens):
+        mask = masks.padding(src_lens)  # key j of sentence b is real iff j < src_lens[b]
+        x = self.pos(self.src_embed(src) * math.sqrt(self.d))  # (B, S, d)
+        for layer in self.enc_layers:
+            x = layer(x, mask=mask)
+        return self.enc_norm(x), mask  # (B, S, d)
+
+    def _decode(self, tgt_in, memory, memory_mask, need_weights=False):
+        self_mask = masks.causal()  # output word t sees words <= t (padding sits after the real words)
+        x = self.pos(self.tgt_embed(tgt_in) * math.sqrt(self.d))  # (B, T, d)
+        cross, selfw = [], []
+        for layer in self.dec_layers:
+            if need_weights:
+                x, sw, cw = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask, need_weights=True)
+                cross.append(cw)  # (B, H, T, S)
+                selfw.append(sw)  # (B, H, T, T)
+            else:
+                x = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask)
+        return self.out(self.dec_norm(x)), cross, selfw  # (B, T, V)
+
+    def forward(self, src, src_lens, tgt_in, *, need_weights: bool = True):
+        memory, mask = self._encode(src, src_lens)
+        logits, cross, selfw = self._decode(tgt_in, memory, mask, need_weights=need_weights)
+        attn = {"layers": cross, "self_layers": selfw}
+        if need_weights:
+            attn["weights"] = cross[-1].mean(1)  # (B, T, S)
+        return logits, attn
+
+    def encode(self, src, src_lens):
+        memory, _ = self._encode(src, src_lens)
+        prefix = torch.empty(src.shape[0], 0, dtype=torch.long, device=src.device)
+        return memory, src_lens, prefix  # (B, S, d), (B,), (B, t)
+
+    def step(self, y_prev, state):
+        memory, src_lens, prefix = state
+        prefix = torch.cat([prefix, y_prev[:, None]], dim=1)  # (B, t + 1)
+        mask = masks.padding(src_lens)
+        logits, cross, _ = self._decode(prefix, memory, mask, need_weights=True)
+        return logits[:, -1], (memory, src_lens, prefix), cross[-1][:, :, -1].mean(1)  # (B, V), state, (B, S)

@@ -1,0 +1,257 @@
+"""The training loop: masked cross-entropy, gradient clipping, progress bar, checkpoints, exact resume.
+
+Repeatable by construction: the model is initialised from ``seed``; the order of the training pairs in epoch
+``e`` comes from a generator seeded with ``(seed, e)``; dropout draws from torch's global generator, whose state
+is saved in every checkpoint together with the position inside the epoch. A run stopped anywhere (Ctrl-C, a
+time limit) and resumed ends with the same weights as a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attnkit.tasks.translate import checkpoint as ckpt
+from attnkit.tasks.translate.data import Pair, embedded_pairs, load_pairs, split_pairs
+from attnkit.tasks.translate.errors import TranslateError
+from attnkit.tasks.translate.models import build_model
+from attnkit.tasks.translate.vocab import Vocab
+
+log = logging.getLogger(__name__)
+EMBEDDED = "embedded"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved in the checkpoint JSON)."""
+
+    data: str = EMBEDDED  # "embedded" or a path to a source<TAB>target file
+    lang: str = "fr"  # target language of the embedded task: fr | de
+    max_pairs: int | None = None  # keep the first N pairs of a data file
+    model: str = "bahdanau"  # bahdanau | luong | transformer
+    score: str = "general"  # luong only: dot | general
+    embed_dim: int = 32
+    hidden: int = 64
+    num_layers: int = 1
+    dropout: float = 0.1
+    num_heads: int = 4
+    ff_dim: int = 256
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 5e-3
+    clip: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    split_seed: int = 0
+    valid_frac: float = 0.05
+    test_frac: float = 0.1
+    min_freq: int = 1
+    max_len: int = 40
+    max_minutes: float | None = None  # stop (and save) after this much training time
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; expected some of {sorted(names)}")
+        return cls(**d)
+
+
+def load_splits(cfg: TrainConfig) -> dict[str, list[Pair]]:
+    """The train / valid / test pairs of the run's data (deterministic from ``split_seed``)."""
+    if cfg.data == EMBEDDED:
+        pairs = embedded_pairs(cfg.lang)
+    else:
+        pairs = load_pairs(cfg.data, max_pairs=cfg.max_pairs)
+    return split_pairs(pairs, seed=cfg.split_seed, valid_frac=cfg.valid_frac, test_frac=cfg.test_frac)
+
+
+def model_config(cfg: TrainConfig, src_vocab: Vocab, tgt_vocab: Vocab) -> dict:
+    return {"kind": cfg.model, "src_vocab": len(src_vocab), "tgt_vocab": len(tgt_vocab),
+            "embed_dim": cfg.embed_dim, "hidden": cfg.hidden, "num_layers": cfg.num_layers,
+            "dropout": cfg.dropout, "num_heads": cfg.num_heads, "ff_dim": cfg.ff_dim,
+            "max_len": max(256, cfg.max_len + 2), "score": cfg.score}
+
+
+def collate(items: list[tuple[list[int], list[int]]], bos: int, eos: int, pad: int = 0):
+    """Pad a batch of (source ids, target ids).
+
+    Shape:
+        - returns src ``(B, S)``, src_lens ``(B,)``, tgt_in ``(B, T)`` = ``<bos>`` y, tgt_out ``(B, T)`` = y ``<eos>``
+    """
+    B = len(items)
+    S = max(len(s) for s, _ in items)
+    T = max(len(t) for _, t in items) + 1
+    src = torch.full((B, S), pad, dtype=torch.long)
+    tgt_in = torch.full((B, T), pad, dtype=torch.long)
+    tgt_out = torch.full((B, T), pad, dtype=torch.long)
+    for b, (s, t) in enumerate(items):
+        src[b, : len(s)] = torch.tensor(s)
+        tgt_in[b, : len(t) + 1] = torch.tensor([bos, *t])
+        tgt_out[b, : len(t) + 1] = torch.tensor([*t, eos])
+    src_lens = torch.tensor([len(s) for s, _ in items])
+    return src, src_lens, tgt_in, tgt_out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the ``n`` training pairs in ``epoch`` (a function of ``(seed, epoch)`` only)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def masked_loss(logits: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float = 0.0):
+    """Sum of cross-entropy over real (non-padding) target tokens, and their number."""
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=0,
+                                       reduction="sum", label_smoothing=label_smoothing)
+    return loss, int((tgt_out != 0).sum())
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to stop after the current step (and save); a second one interrupts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def valid_loss(model, items, bos, eos, batch_size) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(items), batch_size):
+        src, src_lens, tgt_in, tgt_out = collate(items[i: i + batch_size], bos, eos)
+        logits, _ = model(src, src_lens, tgt_in)
+        loss, n = masked_loss(logits, tgt_out)
+        total, count = total + float(loss), count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          on_step=None) -> dict:
+    """Train (or resume) a translator in ``run_dir``; return ``{"status", "history", "model", ...}``.
+
+    ``status`` is ``"done"``, ``"interrupted"`` (Ctrl-C) or ``"time limit"``; in every case the checkpoint in
+    ``run_dir`` holds the last finished step. ``on_step(global_step)`` is called after every optimizer step.
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        meta, tensors = ckpt.load_checkpoint(run_dir)
+        saved = TrainConfig.from_dict(meta["train"])
+        cfg = dataclasses.replace(saved, epochs=cfg.epochs, max_minutes=cfg.max_minutes)
+        src_vocab, tgt_vocab = Vocab(meta["src_vocab"]), Vocab(meta["tgt_vocab"])
+    splits = load_splits(cfg)
+    if not resume:
+        src_vocab = Vocab.build((p.src for p in splits["train"]), min_freq=cfg.min_freq)
+        tgt_vocab = Vocab.build((p.tgt for p in splits["train"]), min_freq=cfg.min_freq)
+    if not splits["train"]:
+        raise TranslateError(f"{cfg.data}: no training pairs left after the split")
+    mcfg = model_config(cfg, src_vocab, tgt_vocab)
+    bos, eos = tgt_vocab.bos_id, tgt_vocab.eos_id
+    train_items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in splits["train"]]
+    valid_items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in splits["valid"]]
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epoch, start, history, sums = 0, 0, [], {"loss": 0.0, "tokens": 0}
+    global_step = 0
+    if resume:
+        ckpt.load_model_weights(model, tensors, run_dir / ckpt.WEIGHTS)
+        opt_state = ckpt.optimizer_state(tensors, meta)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(tensors["rng.torch"])
+        prog = meta["progress"]
+        epoch, start, global_step = prog["epoch"], prog["step"], prog["global_step"]
+        sums = prog["sums"]
+        history = meta.get("history", [])
+
+    def save(status: str) -> None:
+        meta_out = {"train": dataclasses.asdict(cfg), "model": mcfg, "src_vocab": src_vocab.to_list(),
+                    "tgt_vocab": tgt_vocab.to_list(), "history": history, "status": status,
+                    "progress": {"epoch": epoch, "step": start, "global_step": global_step, "sums": sums}}
+        ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, meta=meta_out)
+
+    n_batches = math.ceil(len(train_items) / cfg.batch_size)
+    t0 = time.perf_counter()
+    status = "done"
+    model.train()
+    with _StopFlag() as stop:
+        while epoch < cfg.epochs and status == "done":
+            order = epoch_order(len(train_items), cfg.seed, epoch)
+            bar = _progress(n_batches, start, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+            t_epoch, tokens_epoch = time.perf_counter(), 0
+            for b in range(start, n_batches):
+                batch = [train_items[i] for i in order[b * cfg.batch_size: (b + 1) * cfg.batch_size]]
+                src, src_lens, tgt_in, tgt_out = collate(batch, bos, eos)
+                logits, _ = model(src, src_lens, tgt_in)
+                loss, n_tok = masked_loss(logits, tgt_out, cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                (loss / n_tok).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                optimizer.step()
+                global_step += 1
+                start = b + 1
+                sums = {"loss": sums["loss"] + float(loss.detach()), "tokens": sums["tokens"] + n_tok}
+                tokens_epoch += n_tok
+                if bar is not None:
+                    rate = tokens_epoch / max(time.perf_counter() - t_epoch, 1e-9)
+                    bar.set_postfix(loss=f"{sums['loss'] / max(sums['tokens'], 1):.3f}", tok_s=f"{rate:.0f}")
+                    bar.update(1)
+                if on_step is not None:
+                    on_step(global_step)
+                if stop.requested:
+                    status = "interrupted"
+                elif cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                    status = "time limit"
+                if status != "done" and start < n_batches:
+                    break
+            if bar is not None:
+                bar.close()
+            if start == n_batches:  # the epoch is complete
+                entry = {"epoch": epoch + 1, "train_loss": sums["loss"] / max(sums["tokens"], 1),
+                         "seconds": round(time.perf_counter() - t_epoch, 2)}
+                if valid_items:
+                    entry["valid_loss"] = valid_loss(model, valid_items, bos, eos, 4 * cfg.batch_size)
+                history.append(entry)
+                log.info("epoch %d: %s", epoch + 1, entry)
+                epoch, start, sums = epoch + 1, 0, {"loss": 0.0, "tokens": 0}
+            save(status if status != "done" or epoch < cfg.epochs else "done")
+    model.eval()
+    return {"status": status, "history": history, "model": model, "src_vocab": src_vocab,
+            "tgt_vocab": tgt_vocab, "config": cfg, "splits": splits,
+            "train_seconds": time.perf_counter() - t0}
