@@ -80,6 +80,17 @@ def test_rotary_equals_complex_formulation():
     torch.testing.assert_close(got, ref_rotary_complex(x, pos.tolist(), base=500.0), rtol=0, atol=1e-12)
 
 
+def test_rotary_per_sequence_positions():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64)  # (B, H, L, D)
+    pos = torch.tensor([[0, 1, 2, 3], [5, 9, 2, 0]])  # (B, L)
+    got = apply_rotary(x, pos[:, None, :])  # (B, 1, L) broadcasts over heads
+    for b in range(2):
+        torch.testing.assert_close(got[b], ref_rotary_complex(x[b], pos[b].tolist()), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="positions"):
+        apply_rotary(x, pos)  # (B, L) would line up B with the heads
+
+
 def test_rotary_dot_product_depends_only_on_offset_difference():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(16, generator=g, dtype=torch.float64)

@@ -44,6 +44,14 @@ def test_sinusoidal_module_past_max_len_computes_on_the_fly():
     torch.testing.assert_close(pe(x, offset=3)[0].double(), ref_sinusoidal(range(3, 15), 8), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3), (torch.float64, 1e-12)])
+def test_sinusoidal_module_other_dtypes(dtype, atol):
+    pe = SinusoidalPositionalEncoding(8, max_len=30)  # float32 cache
+    out = pe(torch.zeros(1, 30, 8, dtype=dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out[0].double(), ref_sinusoidal(range(30), 8), rtol=0, atol=atol)
+
+
 def test_sinusoidal_module_dropout_and_state_dict():
     pe = SinusoidalPositionalEncoding(16, max_len=20, dropout=0.5)
     assert pe.state_dict() == {}  # the table is a non-persistent buffer

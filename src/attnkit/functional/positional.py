@@ -120,8 +120,9 @@ def apply_rotary(
 
     Args:
         x: queries or keys ``(..., L, D)`` with ``D`` even, e.g. ``(B, H, L, D)``.
-        positions: integer positions ``(L,)`` (or broadcastable to ``(..., L)``); default
-            ``offset, ..., offset + L - 1``.
+        positions: integer positions ``(L,)``, or any shape that broadcasts to ``x``'s leading dims
+            ``(..., L)`` (for ``x`` ``(B, H, L, D)``: ``(B, 1, L)`` gives each sequence its own positions);
+            default ``offset, ..., offset + L - 1``.
         offset: first position when ``positions`` is not given.
         base: frequency base (10000 in the paper).
 
@@ -152,8 +153,14 @@ def apply_rotary(
         raise TypeError(f"positions must be an integer tensor (L,), got {type(positions).__name__}")
     elif positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
-    elif positions.dim() == 0 or positions.shape[-1] != L:
-        raise ValueError(f"positions must end in the sequence length L = {L}, got shape {tuple(positions.shape)}")
+    else:
+        try:
+            fits = torch.broadcast_shapes(positions.shape, x.shape[:-1]) == x.shape[:-1]
+        except RuntimeError:
+            fits = False
+        if positions.dim() == 0 or not fits:
+            raise ValueError(f"positions must broadcast to x's leading dims (..., L) = {tuple(x.shape[:-1])}, "
+                             f"got shape {tuple(positions.shape)}. For x (B, H, L, D) pass (L,) or (B, 1, L).")
     # rotate in float32 at least (float64 stays float64)
     work = torch.promote_types(x.dtype, torch.float32)
     # theta_i = base^(-2i/D)

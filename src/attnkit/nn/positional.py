@@ -86,8 +86,9 @@ class SinusoidalPositionalEncoding(nn.Module):
         _check_tokens(x, self.embed_dim)
         offset = _check_int("offset", offset, minimum=0)
         L = x.shape[1]
-        if offset + L <= self.max_len and self.table.dtype == x.dtype:
-            pe = self.table[offset : offset + L]  # (L, E)
+        # the cached rows serve any dtype no more precise than the cache; otherwise compute them
+        if offset + L <= self.max_len and self.table.dtype.itemsize >= x.dtype.itemsize:
+            pe = self.table[offset : offset + L].to(x.dtype)  # (L, E)
         else:
             pe = sinusoidal_table(L, self.embed_dim, offset=offset, base=self.base, dtype=x.dtype,
                                   device=x.device)  # (L, E)
