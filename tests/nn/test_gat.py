@@ -164,3 +164,22 @@ def test_bad_input_is_named():
         GATConv(4, 2, dropout=1.5)
     with pytest.raises(ValueError, match="heads"):
         GATConv(4, 2, heads=0)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_features_give_the_dense_result_and_gradients():
+    torch.manual_seed(6)
+    edge_index, n = _graph()
+    layer = GATConv(9, 3, heads=2).double().eval()
+    x = torch.randn(n, 9, dtype=torch.float64) * (torch.rand(n, 9) < 0.3)  # mostly zeros
+    assert (x == 0).any() and (x != 0).any()
+    dense = layer(x, edge_index)
+    dense.sum().backward()
+    g_dense = layer.lin.weight.grad.clone()
+    layer.zero_grad()
+    sparse = layer(x.to_sparse(), edge_index)
+    sparse.sum().backward()
+    torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(layer.lin.weight.grad, g_dense)
+    with pytest.raises(TypeError, match="layout"):
+        layer(x.to_sparse_csr(), edge_index)

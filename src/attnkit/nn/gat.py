@@ -85,7 +85,8 @@ class GATConv(nn.Module):
         device, dtype: passed to the parameters.
 
     Shape:
-        - x ``(N, F)``; edge_index ``(2, E)`` integer, row 0 = source ``j``, row 1 = target ``i``
+        - x ``(N, F)``, dense or sparse COO (sparse features skip their zeros)
+        - edge_index ``(2, E)`` integer, row 0 = source ``j``, row 1 = target ``i``
         - out ``(N, H*D)`` if ``concat`` else ``(N, D)``
         - with ``return_weights``: ``(out, (edge_index', weights))``, ``edge_index'`` ``(2, E')`` the edges
           actually used (self-loops included) and ``weights`` ``(E', H)`` the coefficients that multiplied
@@ -148,6 +149,8 @@ class GATConv(nn.Module):
             raise TypeError(f"x must be a torch.Tensor of shape (N, F); got {type(x).__name__}.")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor; got {x.dtype}. Convert with .float().")
+        if x.layout not in (torch.strided, torch.sparse_coo):
+            raise TypeError(f"x must be a dense or sparse COO tensor; got layout {x.layout}. Try x.to_sparse().")
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(
                 f"x must have shape (N, F) with F = in_features = {self.in_features}; got {tuple(x.shape)}."
@@ -158,8 +161,12 @@ class GATConv(nn.Module):
             edge_index = add_remaining_self_loops(edge_index, n)  # (2, E')
         src, dst = edge_index[0], edge_index[1]
 
-        # h = W x, split into heads
-        h = self.lin(x).view(n, self.heads, self.out_features)  # (N, H, D)
+        # h = W x, split into heads (a sparse x, e.g. bag-of-words features, skips its zeros)
+        if x.layout == torch.sparse_coo:
+            h = torch.sparse.mm(x, self.lin.weight.T)  # (N, H*D)
+        else:
+            h = self.lin(x)  # (N, H*D)
+        h = h.view(n, self.heads, self.out_features)  # (N, H, D)
         # a_src . h_j and a_dst . h_i, one number per node and head
         alpha_src = (h * self.att_src).sum(dim=-1)  # (N, H)
         alpha_dst = (h * self.att_dst).sum(dim=-1)  # (N, H)
