@@ -97,6 +97,8 @@ def attention(
         raise TypeError(f"scale must be a float or None; got {type(scale).__name__}.")
     dropout_p = check_probability("dropout_p", dropout_p)
 
+    if mask is not None:
+        key, value = _sanitize_unused_keys(mask, query, key, value)
     kwargs = dict(score=score, mask=mask, bias=bias, normalize=normalize, dropout_p=dropout_p,
                   return_weights=bool(return_weights))
     name = dispatch.choose(query, key, value, **kwargs) if backend == "auto" else dispatch.validate(
@@ -179,3 +181,32 @@ def _check_mask(mask: _masks.Mask | Tensor | None, scores_shape: tuple[int, ...]
                 "(batch is the first dimension)."
             )
     return mask
+
+
+def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> Tensor | None:
+    """Keys no query may attend, shaped ``(..., S, 1)`` to broadcast against key/value; ``None`` if none can be
+    cheaply known. Only masks that can hide whole keys (padding, dense, their combinations) are inspected."""
+    if isinstance(mask, _masks.Padding):
+        lengths = mask.lengths.to(device)
+        if lengths.ndim == 2:
+            lengths = lengths.amax(1)  # (B,): a key is used if any query may see it
+        unused = torch.arange(S, device=device)[None, :] >= lengths[:, None]  # (B, S)
+        return unused.reshape(unused.shape[0], *([1] * (batch_ndim - 1)), S, 1)  # (B, 1.., S, 1)
+    if isinstance(mask, _masks.Dense):
+        t = mask.materialize(L, S, device=device)
+        return (~t.any(-2)).unsqueeze(-1) if t.shape[-1] == S else None  # (..., S, 1)
+    if isinstance(mask, (_masks.And, _masks.Or)):
+        a = _unused_keys(mask.a, L, S, batch_ndim, device)
+        b = _unused_keys(mask.b, L, S, batch_ndim, device)
+        if isinstance(mask, _masks.And):
+            return a if b is None else b if a is None else a | b
+        return None if a is None or b is None else a & b
+    return None
+
+
+def _sanitize_unused_keys(mask, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero key/value rows that no query may attend, so NaN/inf sitting in padding cannot leak (0 * NaN = NaN)."""
+    unused = _unused_keys(mask, query.shape[-2], key.shape[-2], query.ndim - 2, query.device)
+    if unused is None or not bool(unused.any()):
+        return key, value
+    return key.masked_fill(unused, 0.0), value.masked_fill(unused, 0.0)
