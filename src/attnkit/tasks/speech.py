@@ -1,0 +1,247 @@
+"""``attnkit speech``: spoken digits (FSDD) with truncated (windowed) self-attention vs full attention.
+
+The same small Transformer encoder over log-mel frames is trained twice: every frame attending to every frame
+(full), and every frame attending only to the frames within ``±window`` of it (truncated, seed 000). Both are
+scored on the official test split (takes 0-4), then timed and their peak tensor memory measured per batch on
+the test set's own recordings (batches of ``--batch-size`` in a seeded order, padded to the longest member),
+at inference (forward) and in a training step (forward + backward).
+
+Run directory (``--out``): ``metrics.json``, ``speech.png`` (accuracy per epoch, time and memory per batch),
+``window_mask.png`` and the feature cache ``features-*.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+DEFAULT_DATA = "../shared/data/fsdd/recordings"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("speech", help="spoken digits with truncated (windowed) self-attention",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA, help="FSDD recordings folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/speech", help="run directory (default: %(default)s)")
+    p.add_argument("--window", type=int, default=16,
+                   help="truncated attention: each frame sees ±WINDOW frames (5 ms each); 0 = full attention only")
+    p.add_argument("--full", action="store_true", help="train only the full-attention model")
+    p.add_argument("--impl", choices=("blocked", "mask"), default="blocked",
+                   help="truncated attention by blocks (default) or one window-mask call to attnkit.attention")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N train and N test files (0 = all)")
+    p.add_argument("--quick", action="store_true", help="tiny run for CI: 60 files, 1 epoch, small model")
+    p.set_defaults(func=run)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _take(items: list, n: int) -> list:
+    """Every k-th item so that about ``n`` remain, all digits and speakers kept (``n <= 0``: all)."""
+    if n <= 0 or n >= len(items):
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from attnkit.tasks import speech_data as sd
+    from attnkit.tasks.datasets import fsdd
+    from attnkit.tasks.speech_model import SpeechTransformer
+
+    if args.window < 0:
+        raise ValueError(f"--window must be >= 0 frames; got {args.window}")
+    if args.quick:
+        args.epochs, args.limit, args.embed_dim, args.layers = 1, 30, 32, 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    config = sd.FeatureConfig()
+    bar = lambda items: tqdm(items, desc="log-mel", leave=False)  # noqa: E731
+    try:
+        train_recs, test_recs = fsdd.split(fsdd.list_recordings(args.data))
+        if not train_recs or not test_recs:
+            raise ValueError(f"data {args.data!r} must hold both training takes (index 5-49) and test takes "
+                             "(index 0-4) of the FSDD recordings")
+        train_recs, test_recs = _take(train_recs, args.limit), _take(test_recs, args.limit)
+        train = sd.load_features(train_recs, config, out, progress=bar)
+        test = sd.load_features(test_recs, config, out, progress=bar)
+    except ValueError as exc:
+        print(f"attnkit speech: error: {exc}", file=sys.stderr)
+        return 2
+    mean, std = sd.normalizer(train)
+
+    variants = [("full", 0)] if (args.full or args.window == 0) else [("truncated", args.window), ("full", 0)]
+    results: dict[str, dict] = {}
+    for name, window in variants:
+        torch.manual_seed(args.seed)  # same initial weights and batch order for both variants
+        model = SpeechTransformer(config.n_mels, embed_dim=args.embed_dim, num_heads=args.heads,
+                                  num_layers=args.layers, ff_dim=2 * args.embed_dim, dropout=args.dropout,
+                                  window=window, impl=args.impl)
+        results[name] = _train_and_measure(model, train, test, mean, std, args, label=name)
+        results[name]["window"] = window
+        log.info("%s: test accuracy %.4f", name, results[name]["test_accuracy"])
+
+    lengths = [f.shape[0] for f in test.feats]
+    metrics = {
+        "task": "speech", "data": str(args.data), "seed": args.seed, "quick": bool(args.quick),
+        "features": vars(config) if hasattr(config, "__dict__") else {}, "impl": args.impl,
+        "model": {"embed_dim": args.embed_dim, "heads": args.heads, "layers": args.layers},
+        "train_files": len(train), "test_files": len(test), "epochs": args.epochs, "batch_size": args.batch_size,
+        "test_frames": {"min": min(lengths), "median": sorted(lengths)[len(lengths) // 2], "max": max(lengths)},
+        "results": results,
+    }
+    _write_json_atomic(out / "metrics.json", metrics)
+    _plot(results, out, args.window if args.window > 0 else 8)
+    _print_table(results)
+    return 0
+
+
+def _train_and_measure(model, train, test, mean, std, args, *, label: str) -> dict:
+    from tqdm import tqdm
+
+    from attnkit.tasks import speech_data as sd
+    from attnkit.tasks.speech_measure import peak_memory, time_call
+
+    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    steps = args.epochs * -(-len(train) // args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(steps, 1), pct_start=0.1)
+    train_lengths = [f.shape[0] for f in train.feats]
+    curve, t0 = [], time.perf_counter()
+    bar = tqdm(range(args.epochs), desc=f"train {label}")
+    for _ in bar:
+        model.train()
+        total = 0.0
+        for idx in sd.bucket_batches(train_lengths, args.batch_size, gen):
+            x, lengths = sd.collate([train.feats[i] for i in idx], mean, std)  # (B, L, M), (B,)
+            x = sd.spec_augment(x, lengths, gen)
+            loss = torch.nn.functional.cross_entropy(model(x, lengths), train.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        acc = evaluate(model, test, mean, std, args.batch_size)
+        curve.append(acc)
+        bar.set_postfix(loss=f"{total / len(train):.3f}", test_acc=f"{acc:.3f}")
+    train_s = time.perf_counter() - t0
+
+    # cost per batch on the test recordings in a seeded random order (not length-sorted), each padded to its longest
+    order = sd.batches(len(test), args.batch_size, torch.Generator().manual_seed(1234))
+    test_batches = [sd.collate([test.feats[i] for i in idx], mean, std) for idx in order]
+    test_batches = test_batches[:2] if args.quick else test_batches
+    repeats = 1 if args.quick else 3
+    model.eval()
+    with torch.no_grad():
+        fwd_s = time_call(lambda: [model(x, n) for x, n in test_batches], repeats=repeats) / len(test_batches)
+        fwd_mem = [peak_memory(lambda x=x, n=n: model(x, n)) for x, n in test_batches]
+    model.train()
+
+    def step(x, n):
+        model.zero_grad(set_to_none=True)
+        model(x, n).sum().backward()
+
+    step_s = time_call(lambda: [step(x, n) for x, n in test_batches], repeats=1) / len(test_batches)
+    step_mem = [peak_memory(lambda x=x, n=n: step(x, n)) for x, n in test_batches]
+    model.zero_grad(set_to_none=True)
+    longest = max(test_batches, key=lambda b: b[0].shape[1])
+    return {
+        "test_accuracy": curve[-1] if curve else float("nan"), "accuracy_per_epoch": curve,
+        "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": train_s,
+        "forward_ms_per_batch": 1e3 * fwd_s, "forward_peak_mib_per_batch_mean": _mib(sum(fwd_mem) / len(fwd_mem)),
+        "forward_peak_mib_per_batch_max": _mib(max(fwd_mem)),
+        "train_step_ms_per_batch": 1e3 * step_s,
+        "train_step_peak_mib_per_batch_mean": _mib(sum(step_mem) / len(step_mem)),
+        "train_step_peak_mib_per_batch_max": _mib(max(step_mem)),
+        "measured_batches": len(test_batches), "longest_batch_frames": int(longest[0].shape[1]),
+    }
+
+
+def _mib(nbytes: float) -> float:
+    return round(nbytes / 2**20, 3)
+
+
+@torch.no_grad()
+def evaluate(model, data, mean, std, batch_size: int) -> float:
+    """Accuracy of ``model`` on ``data``."""
+    from attnkit.tasks import speech_data as sd
+
+    model.eval()
+    correct = 0
+    for idx in sd.batches(len(data), batch_size, None):
+        x, lengths = sd.collate([data.feats[i] for i in idx], mean, std)
+        correct += int((model(x, lengths).argmax(-1) == data.labels[idx]).sum())
+    model.train()
+    return correct / len(data)
+
+
+def _print_table(results: dict) -> None:
+    cols = ["test_accuracy", "forward_ms_per_batch", "forward_peak_mib_per_batch_mean", "train_step_ms_per_batch",
+            "train_step_peak_mib_per_batch_mean"]
+    print("| model | window | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 2) + "|")
+    for name, r in results.items():
+        print(f"| {name} | {r['window']} | " + " | ".join(f"{r[c]:.4g}" for c in cols) + " |")
+
+
+def _plot(results: dict, out: Path, window: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attnkit import masks
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, r in results.items():
+        axes[0].plot(range(1, len(r["accuracy_per_epoch"]) + 1), r["accuracy_per_epoch"], label=name)
+    axes[0].set(xlabel="epoch", ylabel="test accuracy", title="FSDD official test split")
+    axes[0].legend()
+    names = list(results)
+    for ax, key, title in ((axes[1], "forward_ms_per_batch", "forward ms / batch"),
+                           (axes[2], "train_step_peak_mib_per_batch_mean", "train step peak MiB / batch")):
+        ax.bar(names, [results[n][key] for n in names], color=["C0", "C1"][: len(names)])
+        ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, out / "speech.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    L = 4 * window + 8
+    ax.imshow(masks.window(window, window).materialize(L, L).numpy(), cmap="Greys")
+    ax.set(title=f"truncated attention: window ±{window}", xlabel="key frame", ylabel="query frame")
+    _save(fig, out / "window_mask.png")
+    plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
