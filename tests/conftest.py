@@ -1,0 +1,33 @@
+"""Shared test set-up for attnkit.
+
+* ``tests/`` goes on ``sys.path`` so every test can ``from reference import ...`` (the float64 oracle,
+  tests/reference.py). There is deliberately no ``tests/__init__.py``.
+* Hypothesis profile ``attnkit`` (the default): few examples, no deadline, derandomized so CI runs are
+  reproducible; ``HYPOTHESIS_PROFILE=thorough`` runs more examples with fresh randomness.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+settings.register_profile(
+    "attnkit", max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "attnkit"))
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A seeded CPU generator: tests draw their data from it, never from the global RNG."""
+    return torch.Generator().manual_seed(1234)
