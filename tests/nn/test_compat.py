@@ -73,7 +73,8 @@ MASK_CASES = {
     "attn_float_2d": lambda: dict(attn_mask=float_mask(L, S)),
     "attn_float_3d": lambda: dict(attn_mask=float_mask(N * H, L, S)),
     "both_bool": lambda: dict(attn_mask=ignore_mask(L, S), key_padding_mask=ignore_mask(N, S, seed=5)),
-    "float_attn_bool_kpm": lambda: dict(attn_mask=float_mask(N * H, L, S), key_padding_mask=ignore_mask(N, S)),
+    "float_attn_bool_kpm": lambda: dict(attn_mask=float_mask(N * H, L, S),
+                                        key_padding_mask=ignore_mask(N, S)),
 }
 
 

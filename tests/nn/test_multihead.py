@@ -29,7 +29,9 @@ def ref_mha(m, query, key, value, mask=None, bias=None, q_pos=None, k_pos=None):
     Q, K, V = lin(m.q_proj, query), lin(m.k_proj, key), lin(m.v_proj, value)  # (B, L, E), (B, S, G*D)
     B, L, S = query.shape[0], query.shape[1], key.shape[1]
     full_mask = torch.ones(B, H, L, S, dtype=torch.bool) if mask is None else mask.expand(B, H, L, S)
-    full_bias = torch.zeros(B, H, L, S, dtype=torch.float64) if bias is None else bias.double().expand(B, H, L, S)
+    full_bias = torch.zeros(B, H, L, S, dtype=torch.float64)
+    if bias is not None:
+        full_bias = full_bias + bias.double()
     heads, weights = [], torch.zeros(B, H, L, S, dtype=torch.float64)
     for h in range(H):
         g = h // (H // G)
@@ -155,7 +157,7 @@ def test_dropout_in_training_only():
     assert not torch.allclose(a, ref(x), atol=1e-3)
 
 
-# ---------------------------------------------------------------------------------------------- float64 reference
+# ------------------------------------------------------------------------------------------ float64 reference
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 def test_matches_float64_reference_gqa_mask_bias(num_kv_heads):
     torch.manual_seed(4)
@@ -212,7 +214,8 @@ def test_mask_objects_equal_dense_masks():
     torch.testing.assert_close(w_s, w_r, atol=1e-10, rtol=0)
     # 2-D (L, S) and 1-D (S,) tensors broadcast as documented
     out_2d = m(x, mask=dense[0, 0])
-    torch.testing.assert_close(out_2d, ref_mha(m, x, x, x, mask=dense[0, 0][None, None])[0], atol=1e-10, rtol=0)
+    out_r2d, _ = ref_mha(m, x, x, x, mask=dense[0, 0][None, None])
+    torch.testing.assert_close(out_2d, out_r2d, atol=1e-10, rtol=0)
 
 
 def test_rotary_matches_reference_and_is_relative():
@@ -299,3 +302,16 @@ def test_conversion_errors():
         MultiHeadAttention.from_torch(torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="even head_dim"):
         MultiHeadAttention(6, 2)(torch.randn(1, 2, 6), rotary=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_empty_rows_are_zero_not_nan(dtype):
+    torch.manual_seed(9)
+    m = MultiHeadAttention(8, 2).to(dtype)
+    x = (torch.randn(2, 5, 8) * 30).to(dtype)  # large activations: scores far beyond float16 comfort
+    out, w = m(x, mask=masks.padding(torch.tensor([0, 3])), need_weights=True)
+    assert out.dtype == dtype and w.dtype == dtype
+    assert out.isfinite().all() and w.isfinite().all()
+    assert (w[0] == 0).all()
+    ref, w_ref = ref_mha(m, x, x, x, mask=masks.padding(torch.tensor([0, 3])).materialize(5, 5, batch_ndim=2))
+    torch.testing.assert_close(w.double(), w_ref, atol=2e-2, rtol=0)

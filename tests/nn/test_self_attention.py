@@ -106,7 +106,7 @@ def test_only_three_projections_and_leading_dims():
 
 
 def test_q_k_v_differ_so_attention_is_not_symmetric():
-    """Seed 002: with separate W_q and W_k the score matrix is not symmetric (with one shared matrix it is)."""
+    """Seed 002: separate W_q and W_k make the score matrix asymmetric (one shared matrix would not)."""
     torch.manual_seed(3)
     m = SelfAttention(6, score=dot)
     x = torch.randn(1, 5, 6)

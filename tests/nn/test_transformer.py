@@ -15,7 +15,8 @@ def copy_from_torch(ours, theirs, attn_names):
     """Load a torch layer's weights into ours (attention through MultiHeadAttention.from_torch)."""
     with torch.no_grad():
         for name in attn_names:
-            getattr(ours, name).load_state_dict(MultiHeadAttention.from_torch(getattr(theirs, name)).state_dict())
+            converted = MultiHeadAttention.from_torch(getattr(theirs, name))
+            getattr(ours, name).load_state_dict(converted.state_dict())
         for name, mod in theirs.named_children():
             if name.startswith(("linear", "norm")):
                 getattr(ours, name).load_state_dict(mod.state_dict())

@@ -1,4 +1,4 @@
-"""A drop-in replacement for ``torch.nn.MultiheadAttention`` that runs on :func:`attnkit.functional.attention`.
+"""A drop-in for ``torch.nn.MultiheadAttention`` that runs on :func:`attnkit.functional.attention`.
 
 Same constructor, same parameter names (``load_state_dict(torch_module.state_dict())`` works both ways),
 same ``forward`` signature and return values, same layouts (seq-first by default) and torch's mask meaning:
@@ -26,7 +26,7 @@ __all__ = ["MultiheadAttention"]
 
 
 class CompatError(ValueError, RuntimeError):
-    """Bad input where torch raises ``RuntimeError``/``AssertionError``; a ``ValueError`` too (attnkit's rule)."""
+    """Bad input where torch raises ``RuntimeError``; also a ``ValueError``, as attnkit's rule asks."""
 
 
 class MultiheadAttention(nn.Module):
@@ -231,7 +231,8 @@ class MultiheadAttention(nn.Module):
         for name, x in (("key", key), ("value", value)):
             if x.ndim != query.ndim:
                 raise CompatError(
-                    f"{name} must have as many dimensions as query ({query.ndim}-D); got shape {tuple(x.shape)}."
+                    f"{name} must have as many dimensions as query ({query.ndim}-D); "
+                    f"got shape {tuple(x.shape)}."
                 )
             if x.dtype != query.dtype or x.device != query.device:
                 raise TypeError(
@@ -244,7 +245,9 @@ class MultiheadAttention(nn.Module):
             ("value", value, self.vdim, "vdim"),
         ):
             if x.shape[-1] != size:
-                raise CompatError(f"{name} last dimension must equal {dim_name}={size}; got {tuple(x.shape)}.")
+                raise CompatError(
+                    f"{name} last dimension must equal {dim_name}={size}; got {tuple(x.shape)}."
+                )
         if key.shape[:-1] != value.shape[:-1]:
             raise CompatError(
                 f"key and value must have the same shape except the last dimension; got key "
@@ -259,15 +262,23 @@ class MultiheadAttention(nn.Module):
             )
         return query.ndim == 3
 
-    def _convert_masks(self, key_padding_mask, attn_mask, N, L, S, dtype) -> tuple[Tensor | None, Tensor | None]:
-        """torch masks (bool True = ignore; float = added) -> attnkit ``(allowed, bias)``, each (N|1, H|1, L|1, S)."""
+    def _convert_masks(
+        self, key_padding_mask, attn_mask, N, L, S, dtype
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """torch masks (bool True = ignore; float = added) -> attnkit ``(allowed, bias)``.
+
+        Shape:
+            each ``(N|1, H|1, L|1, S)`` or ``None``.
+        """
         H = self.num_heads
         allowed = add = None
         if attn_mask is not None:
             _check_torch_mask("attn_mask", attn_mask)
             if attn_mask.ndim == 2:
                 if tuple(attn_mask.shape) != (L, S):
-                    raise CompatError(f"attn_mask 2-D must have shape (L, S) = {(L, S)}; got {tuple(attn_mask.shape)}.")
+                    raise CompatError(
+                        f"attn_mask 2-D must have shape (L, S) = {(L, S)}; got {tuple(attn_mask.shape)}."
+                    )
                 m = attn_mask.view(1, 1, L, S)  # (1, 1, L, S)
             elif attn_mask.ndim == 3:
                 if tuple(attn_mask.shape) != (N * H, L, S):
@@ -277,7 +288,9 @@ class MultiheadAttention(nn.Module):
                     )
                 m = attn_mask.view(N, H, L, S)  # (N, H, L, S)
             else:
-                raise CompatError(f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S); got {attn_mask.ndim}-D.")
+                raise CompatError(
+                    f"attn_mask must be 2-D (L, S) or 3-D (N * num_heads, L, S); got {attn_mask.ndim}-D."
+                )
             if m.dtype == torch.bool:
                 allowed = ~m  # torch: True = ignore -> attnkit: True = may attend
             else:
@@ -295,7 +308,8 @@ class MultiheadAttention(nn.Module):
             else:
                 add = m.to(dtype) if add is None else add + m.to(dtype)
         if add is not None:
-            # -inf in a float mask is a hard mask: move it to `allowed` so fully masked rows give zeros, not NaN
+            # -inf in a float mask is a hard mask: move it to `allowed` so that a fully masked row gives
+            # zeros, not NaN
             blocked = add == float("-inf")
             if bool(blocked.any()):
                 allowed = ~blocked if allowed is None else allowed & ~blocked
@@ -305,7 +319,9 @@ class MultiheadAttention(nn.Module):
 
 def _check_torch_mask(name: str, m) -> None:
     if not isinstance(m, Tensor):
-        raise TypeError(f"{name} must be a tensor (bool: True = ignore, or float: added); got {type(m).__name__}.")
+        raise TypeError(
+            f"{name} must be a tensor (bool: True = ignore, or float: added); got {type(m).__name__}."
+        )
     if m.dtype != torch.bool and not m.is_floating_point():
         raise TypeError(
             f"{name} must be bool (True = ignore) or floating point (added to the scores); got {m.dtype}. "

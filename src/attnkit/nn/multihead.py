@@ -80,14 +80,16 @@ class MultiHeadAttention(nn.Module):
         check_int("num_heads", num_heads, minimum=1)
         if embed_dim % num_heads != 0:
             raise ValueError(
-                f"embed_dim must be divisible by num_heads; got embed_dim={embed_dim}, num_heads={num_heads}. "
+                "embed_dim must be divisible by num_heads; "
+                f"got embed_dim={embed_dim}, num_heads={num_heads}. "
                 f"Pick num_heads among the divisors of {embed_dim}."
             )
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         check_int("num_kv_heads", num_kv_heads, minimum=1)
         if num_heads % num_kv_heads != 0:
             raise ValueError(
-                f"num_kv_heads must divide num_heads; got num_kv_heads={num_kv_heads}, num_heads={num_heads}. "
+                "num_kv_heads must divide num_heads; "
+                f"got num_kv_heads={num_kv_heads}, num_heads={num_heads}. "
                 "Each key/value head serves an equal group of query heads."
             )
         kdim = embed_dim if kdim is None else check_int("kdim", kdim, minimum=1)
@@ -203,7 +205,9 @@ class MultiHeadAttention(nn.Module):
             if not isinstance(x, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor (B, L, E); got {type(x).__name__}.")
             if not x.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor; got {x.dtype}. Convert with .float().")
+                raise TypeError(
+                    f"{name} must be a floating-point tensor; got {x.dtype}. Convert with .float()."
+                )
             if x.ndim != 3:
                 raise ValueError(
                     f"{name} must have shape (B, length, features) (batch first); got {tuple(x.shape)}. "
@@ -324,7 +328,8 @@ class MultiHeadAttention(nn.Module):
         )
         with torch.no_grad():
             if m._qkv_same_embed_dim:
-                m.in_proj_weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+                w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3E, E)
+                m.in_proj_weight.copy_(w_qkv)
             else:
                 m.q_proj_weight.copy_(self.q_proj.weight)
                 m.k_proj_weight.copy_(self.k_proj.weight)
@@ -341,11 +346,14 @@ def _check_mask(name: str, mask, target: tuple[int, int, int, int], device) -> M
     if mask is None or isinstance(mask, Mask):
         return mask
     if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be an attnkit Mask or a bool tensor; got {type(mask).__name__}. {_MASK_HINT}")
+        raise TypeError(
+            f"{name} must be an attnkit Mask or a bool tensor; got {type(mask).__name__}. {_MASK_HINT}"
+        )
     if mask.dtype != torch.bool:
         raise TypeError(
             f"{name} must be a bool tensor (True = may attend); got {mask.dtype}. "
-            "Additive float terms go in bias=...; torch-style masks (True = ignore) belong to attnkit.nn.compat."
+            "Additive float terms go in bias=...; torch-style masks (True = ignore) belong to "
+            "attnkit.nn.compat."
         )
     _check_rank_and_shape(name, mask, target, _MASK_HINT)
     if mask.device != device:

@@ -43,8 +43,8 @@ def _activation(activation) -> Callable[[Tensor], Tensor]:
     raise ValueError(f"activation must be 'gelu', 'relu' or a callable; got {activation!r}.")
 
 
-class _FeedForward(nn.Module):
-    """Shared parts of both layers: the position-wise feed-forward block ``W_2 Dropout(act(W_1 x))``."""
+class _LayerBase(nn.Module):
+    """What both layers share: norms, dropouts and the feed-forward block ``W_2 Dropout(act(W_1 x))``."""
 
     def _init_ff(self, embed_dim, ff_dim, dropout, activation, layer_norm_eps, bias, factory, n_norms):
         check_int("embed_dim", embed_dim, minimum=1)
@@ -63,7 +63,7 @@ class _FeedForward(nn.Module):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))  # (B, L, E)
 
 
-class TransformerEncoderLayer(_FeedForward):
+class TransformerEncoderLayer(_LayerBase):
     """One Transformer encoder layer: self-attention then a feed-forward block, each with a residual.
 
     Args:
@@ -143,7 +143,7 @@ class TransformerEncoderLayer(_FeedForward):
         return (x, weights) if need_weights else x
 
 
-class TransformerDecoderLayer(_FeedForward):
+class TransformerDecoderLayer(_LayerBase):
     """One Transformer decoder layer: self-attention, cross-attention to ``memory``, feed-forward.
 
     Args: as :class:`TransformerEncoderLayer`, plus
