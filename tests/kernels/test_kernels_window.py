@@ -1,0 +1,145 @@
+"""Window and block-sparse kernels vs the float64 masked-softmax reference and an explicit band mask."""
+
+import pytest
+import torch
+from _kernel_ref import band_mask, masked_softmax_attention_ref
+
+from attnkit import masks
+from attnkit.kernels.blocksparse import blocksparse_attention
+from attnkit.kernels.window import window_attention
+
+
+def _qkv(B=2, H=3, L=37, S=37, D=8, Dv=5, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, D, generator=g, dtype=dtype) * scale
+    k = torch.randn(B, H, S, D, generator=g, dtype=dtype) * scale
+    v = torch.randn(B, H, S, Dv, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _close(a, ref, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(a.double(), ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "L,S,left,right,block",
+    [(37, 37, 0, 0, 8), (37, 37, 1, 0, 8), (37, 37, 0, 1, 16), (37, 37, 5, 3, 64),
+     (20, 45, 1, 1, 8), (45, 20, 4, 0, 8), (45, 20, 1, 2, 7), (1, 17, 3, 0, 4), (17, 1, 2, 2, 4)],
+)
+def test_window_matches_explicit_band(L, S, left, right, block):
+    q, k, v = _qkv(L=L, S=S, scale=2.0)
+    band = band_mask(L, S, left, right)
+    assert band.any() and not band.all()
+    out, w = window_attention(q, k, v, left=left, right=right, block=block, return_weights=True)
+    ref_out, ref_w = masked_softmax_attention_ref(q, k, v, band)
+    _close(out, ref_out)
+    _close(w, ref_w)
+    # rows whose band misses every key (L > S) are exactly zero
+    empty = ~band.any(-1)
+    assert out[..., empty, :].abs().sum() == 0
+
+
+def test_window_gradcheck_float64():
+    q, k, v = _qkv(B=1, H=2, L=11, S=9, D=3, Dv=2, dtype=torch.float64)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c: window_attention(a, b, c, left=2, right=1, block=4), (q, k, v))
+    # the rebuilt weights carry exact gradients too
+    assert torch.autograd.gradcheck(
+        lambda a, b: window_attention(a, b, v, left=1, right=0, block=4, return_weights=True)[1], (q, k)
+    )
+
+
+def test_window_gradients_match_reference_and_empty_rows_are_finite():
+    q, k, v = _qkv(B=1, H=2, L=30, S=12, D=4, Dv=3, dtype=torch.float64)
+    band = band_mask(30, 12, 2, 0)
+    assert not band.any(-1).all()  # some rows see nothing
+    g = torch.randn(1, 2, 30, 3, dtype=torch.float64)
+    grads = []
+    for fn in (lambda a, b, c: window_attention(a, b, c, left=2, right=0, block=8),
+               lambda a, b, c: masked_softmax_attention_ref(a, b, c, band)[0]):
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        (fn(*ins) * g).sum().backward()
+        grads.append([t.grad for t in ins])
+    for a, b in zip(*grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_window_half_precision_and_large_scores():
+    q, k, v = _qkv(L=40, S=40, dtype=torch.bfloat16, scale=300.0)
+    out = window_attention(q, k, v, left=3, right=3, block=8)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    ref, _ = masked_softmax_attention_ref(q, k, v, band_mask(40, 40, 3, 3))
+    _close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_window_broadcast_batch_and_noncontiguous():
+    qkv = torch.randn(2, 3, 25, 3 * 8)
+    q, k, v = qkv.split(8, dim=-1)  # non-contiguous chunks of a packed tensor
+    k1, v1 = k[:, :1], v[:, :1]  # one key/value head shared by 3 query heads (MQA broadcast)
+    out = window_attention(q, k1, v1, left=2, right=2, block=8)
+    ref, _ = masked_softmax_attention_ref(q, k1, v1, band_mask(25, 25, 2, 2))
+    _close(out, ref)
+
+
+def test_window_bad_input():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="left and right"):
+        window_attention(q, k, v, left=-1, right=0)
+    with pytest.raises(TypeError, match="left"):
+        window_attention(q, k, v, left=1.5, right=0)
+    with pytest.raises(TypeError, match="dtype"):
+        window_attention(q, k.double(), v, left=1, right=1)
+
+
+def _random_mask(L, S, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(L, S, generator=g) < p
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_blocksparse_dense_random_mask(block):
+    L, S = 45, 38
+    q, k, v = _qkv(L=L, S=S, scale=2.0)
+    m = _random_mask(L, S, 0.2, 1)
+    m[3] = False  # a fully masked row
+    out, w = blocksparse_attention(q, k, v, m, block=block, return_weights=True)
+    ref_out, ref_w = masked_softmax_attention_ref(q, k, v, m)
+    _close(out, ref_out)
+    _close(w, ref_w)
+    assert out[..., 3, :].abs().sum() == 0
+
+
+def test_blocksparse_structured_trees_and_padding():
+    L = S = 40
+    q, k, v = _qkv(L=L, S=S)
+    lengths = torch.tensor([30, 11])
+    tree = (masks.window(4, 0) | masks.dense(_random_mask(L, S, 0.05, 2))) & masks.padding(lengths)
+    dense = tree.materialize(L, S, batch_ndim=2)  # (B, 1, L, S)
+    assert dense.any() and not dense.all()
+    out = blocksparse_attention(q, k, v, tree, block=8)
+    ref, _ = masked_softmax_attention_ref(q, k, v, dense)
+    _close(out, ref)
+    out_c = blocksparse_attention(q, k, v, masks.causal(), block=8)
+    _close(out_c, masked_softmax_attention_ref(q, k, v, torch.ones(L, S, dtype=torch.bool).tril())[0])
+
+
+def test_blocksparse_gradcheck_float64():
+    L, S = 13, 10
+    q, k, v = _qkv(B=1, H=2, L=L, S=S, D=3, Dv=2, dtype=torch.float64)
+    m = _random_mask(L, S, 0.3, 3)
+    m[0] = False
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c: blocksparse_attention(a, b, c, m, block=4), (q, k, v))
+
+
+def test_blocksparse_skips_empty_tiles():
+    from attnkit.kernels.blocksparse import plan_from_mask
+
+    tiles = torch.zeros(8, 8, dtype=torch.bool)
+    tiles[torch.arange(8), (torch.arange(8) * 3) % 8] = True
+    m = tiles.repeat_interleave(16, 0).repeat_interleave(16, 1)  # (128, 128), 1/8 of the tiles
+    plan = plan_from_mask(masks.dense(m), 128, 128, block=16)
+    assert plan.pairs == 128 * 16  # one 16-key tile per query row, not 128 keys
