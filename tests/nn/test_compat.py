@@ -152,11 +152,32 @@ def test_drop_in_inside_torch_encoder_layer():
     layer = torch.nn.TransformerEncoderLayer(E, H, 16, dropout=0.0, batch_first=True).train()
     x = torch.randn(N, L, E)
     pad = ignore_mask(N, L)
-    expected = layer(x, src_key_padding_mask=pad)
+    expected = layer(x, src_key_padding_mask=pad)  # training mode: torch's python path
+    with torch.no_grad():
+        expected_fast = layer.eval()(x)  # eval without autograd: torch's fast path
     c = MultiheadAttention(E, H, batch_first=True)
     c.load_state_dict(layer.self_attn.state_dict())
     layer.self_attn = c
-    torch.testing.assert_close(layer(x, src_key_padding_mask=pad), expected, atol=ATOL, rtol=0)
+    calls = []
+    c.register_forward_hook(lambda *_: calls.append(1))
+    torch.testing.assert_close(layer.train()(x, src_key_padding_mask=pad), expected, atol=ATOL, rtol=0)
+    assert calls, "the layer must have called compat's forward"
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), expected_fast, atol=ATOL, rtol=0)
+
+
+def test_same_class_contract_and_initialisation_as_torch():
+    for kwargs in (dict(), dict(kdim=3, vdim=5, add_bias_kv=True)):
+        torch.manual_seed(12)
+        t = torch.nn.MultiheadAttention(E, H, **kwargs)
+        torch.manual_seed(12)
+        c = MultiheadAttention(E, H, **kwargs)
+        assert isinstance(c, torch.nn.MultiheadAttention)
+        sd_t, sd_c = t.state_dict(), c.state_dict()
+        assert list(sd_c) == list(sd_t)
+        for name in sd_t:
+            assert torch.equal(sd_c[name], sd_t[name]), name
+        assert (c.batch_first, c.head_dim, c.dropout) == (t.batch_first, t.head_dim, t.dropout)
 
 
 def test_fully_masked_row_is_zero_not_nan():

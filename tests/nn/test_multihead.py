@@ -231,6 +231,10 @@ def test_rotary_matches_reference_and_is_relative():
     torch.testing.assert_close(shifted, out, atol=1e-10, rtol=0)
     # ... but rotary does change the result
     assert not torch.allclose(out, m(q, kv), atol=1e-4)
+    # a RotaryEmbedding module plugs in as a callable (q, k) -> (q, k), with the same alignment
+    from attnkit.nn.positional import RotaryEmbedding
+
+    torch.testing.assert_close(m(q, kv, rotary=RotaryEmbedding(E // H)), out, atol=1e-10, rtol=0)
 
 
 def test_gradcheck_float64():

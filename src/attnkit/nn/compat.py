@@ -29,8 +29,13 @@ class CompatError(ValueError, RuntimeError):
     """Bad input where torch raises ``RuntimeError``; also a ``ValueError``, as attnkit's rule asks."""
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention``'s interface on attnkit's attention.
+
+    A subclass of ``torch.nn.MultiheadAttention`` that replaces only ``forward``, so ``isinstance`` checks,
+    parameter names, initialisation and ``state_dict`` are torch's. Note: inside
+    ``torch.nn.TransformerEncoderLayer`` in eval mode without autograd, torch's "fast path" reads the
+    parameters and calls its native kernel directly, for this class as for its parent.
 
     ``out = concat_h softmax(Q_h K_h^T / sqrt(D) + attn_mask + key_padding_mask) V_h  W_o``
 
@@ -57,8 +62,6 @@ class MultiheadAttention(nn.Module):
         ValueError: non-positive sizes, ``embed_dim`` not divisible by ``num_heads``, bad ``dropout``.
     """
 
-    __constants__ = ["batch_first"]
-
     def __init__(
         self,
         embed_dim: int,
@@ -73,59 +76,25 @@ class MultiheadAttention(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        # torch raises AssertionError for some of these; attnkit's rule is a ValueError naming the argument
         check_int("embed_dim", embed_dim, minimum=1)
         check_int("num_heads", num_heads, minimum=1)
         if embed_dim % num_heads != 0:
             raise ValueError(
-                f"embed_dim must be divisible by num_heads; got embed_dim={embed_dim}, num_heads={num_heads}."
+                "embed_dim must be divisible by num_heads; "
+                f"got embed_dim={embed_dim}, num_heads={num_heads}."
             )
-        factory = {"device": device, "dtype": dtype}
-        self.embed_dim = embed_dim
-        self.kdim = embed_dim if kdim is None else check_int("kdim", kdim, minimum=1)
-        self.vdim = embed_dim if vdim is None else check_int("vdim", vdim, minimum=1)
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
-        self.num_heads = num_heads
-        self.dropout = check_probability("dropout", dropout)
-        self.batch_first = bool(batch_first)
-        self.head_dim = embed_dim // num_heads
-        if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
-            self.register_parameter("q_proj_weight", None)
-            self.register_parameter("k_proj_weight", None)
-            self.register_parameter("v_proj_weight", None)
-        else:
-            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
-            self.register_parameter("in_proj_weight", None)
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
-        else:
-            self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
-        else:
-            self.bias_k = self.bias_v = None
-        self.add_zero_attn = bool(add_zero_attn)
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:
-        """The initialisation of ``torch.nn.MultiheadAttention``."""
-        if self._qkv_same_embed_dim:
-            nn.init.xavier_uniform_(self.in_proj_weight)
-        else:
-            nn.init.xavier_uniform_(self.q_proj_weight)
-            nn.init.xavier_uniform_(self.k_proj_weight)
-            nn.init.xavier_uniform_(self.v_proj_weight)
-        if self.in_proj_bias is not None:
-            nn.init.zeros_(self.in_proj_bias)
-            nn.init.zeros_(self.out_proj.bias)
-        if self.bias_k is not None:
-            nn.init.xavier_normal_(self.bias_k)
-            nn.init.xavier_normal_(self.bias_v)
+        if kdim is not None:
+            check_int("kdim", kdim, minimum=1)
+        if vdim is not None:
+            check_int("vdim", vdim, minimum=1)
+        dropout = check_probability("dropout", dropout)
+        # the parent builds the very same parameters (names, shapes, initialisation) as torch
+        super().__init__(
+            embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first, device=device,
+            dtype=dtype,
+        )
 
     def forward(
         self,

@@ -11,6 +11,8 @@ Paper: https://arxiv.org/abs/1706.03762 (section 3.2.2); grouped-query: https://
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -141,7 +143,7 @@ class MultiHeadAttention(nn.Module):
         bias: Tensor | None = None,
         need_weights: bool = False,
         average_weights: bool = False,
-        rotary: bool | tuple[Tensor, Tensor] | None = None,
+        rotary: bool | tuple[Tensor, Tensor] | Callable | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to ``key``/``value`` (self-attention when both are omitted).
 
@@ -155,10 +157,12 @@ class MultiHeadAttention(nn.Module):
             bias: float additive term on the scores (ALiBi, relative position), same shapes as ``mask``.
             need_weights: also return the attention weights.
             average_weights: average the returned weights over heads.
-            rotary: rotary position embedding on queries and keys (interleaved pairs, see
+            rotary: rotary position embedding on the per-head queries and keys (interleaved pairs, see
                 :func:`attnkit.functional.positional.apply_rotary`). ``True``: keys at positions
                 ``0..S-1`` and queries at the last ``L`` of them (bottom-right, as ``masks.causal``);
-                or a pair ``(query_positions (L,), key_positions (S,))`` of int tensors.
+                a pair ``(query_positions (L,), key_positions (S,))`` of int tensors; or a callable
+                ``rotary(q (B, H, L, D), k (B, G, S, D)) -> (q, k)`` such as
+                :class:`attnkit.nn.positional.RotaryEmbedding`.
 
         Returns:
             ``out``, or ``(out, weights)`` when ``need_weights``. A query with no allowed key gets zero
@@ -238,6 +242,14 @@ class MultiHeadAttention(nn.Module):
         from attnkit.functional.positional import apply_rotary
 
         L, S = q.shape[-2], k.shape[-2]
+        if callable(rotary):
+            q_rot, k_rot = rotary(q, k)
+            if q_rot.shape != q.shape or k_rot.shape != k.shape:
+                raise ValueError(
+                    f"rotary(q, k) must return tensors of the shapes it got, {tuple(q.shape)} and "
+                    f"{tuple(k.shape)}; got {tuple(q_rot.shape)} and {tuple(k_rot.shape)}."
+                )
+            return q_rot, k_rot
         if self.head_dim % 2 != 0:
             raise ValueError(
                 f"rotary needs an even head_dim; got head_dim={self.head_dim} "
@@ -250,8 +262,8 @@ class MultiHeadAttention(nn.Module):
             q_pos, k_pos = rotary
         else:
             raise TypeError(
-                "rotary must be None, True, or a pair (query_positions (L,), key_positions (S,)) of int "
-                f"tensors; got {type(rotary).__name__}."
+                "rotary must be None, True, a pair (query_positions (L,), key_positions (S,)) of int "
+                f"tensors, or a callable (q, k) -> (q, k); got {type(rotary).__name__}."
             )
         return apply_rotary(q, q_pos), apply_rotary(k, k_pos)  # (B, H, L, D), (B, G, S, D)
 
