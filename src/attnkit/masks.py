@@ -276,7 +276,7 @@ class Dense(Mask):
         t = self.tensor.to(device) if device is not None else self.tensor
         if t.shape[-1] not in (1, S) or (t.ndim > 1 and t.shape[-2] not in (1, L)):
             raise ValueError(f"mask of shape {tuple(t.shape)} does not broadcast to (..., L, S) = (..., {L}, {S}).")
-        return t
+        return t if t.ndim > 1 else t.unsqueeze(0)  # (..., L|1, S)
 
     def __repr__(self) -> str:
         return f"dense({tuple(self.tensor.shape)})"

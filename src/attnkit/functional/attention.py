@@ -84,6 +84,8 @@ def attention(
 
     query, key, value, scores_shape = _check_qkv(query, key, value)
     score = _resolve_score(score)
+    if score in (_scores.dot, _scores.scaled_dot, _scores.gaussian):
+        _scores._same_dim(query, key, score.__name__)
     mask = _check_mask(mask, scores_shape)
     if bias is not None:
         check_tensor("bias", bias, floating=True, hint="bias is an additive float term; masks go in mask=.")
@@ -126,7 +128,7 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tenso
         raise ValueError(
             f"query and key must have the same rank; got query {tuple(query.shape)} and key {tuple(key.shape)}."
         )
-    if query.ndim >= 3 and query.shape[-3] != key.shape[-3] and key.shape[-3] != 1:
+    if query.ndim >= 4 and query.shape[-3] != key.shape[-3] and key.shape[-3] != 1:
         hq, hkv = query.shape[-3], key.shape[-3]
         if hq % hkv:
             raise ValueError(
@@ -173,14 +175,31 @@ def _check_mask(mask: _masks.Mask | Tensor | None, scores_shape: tuple[int, ...]
         return _masks.Dense(mask)
     if not isinstance(mask, _masks.Mask):
         raise TypeError(f"mask must be an attnkit Mask or a boolean tensor; got {type(mask).__name__}.")
-    if mask.batched and isinstance(mask, _masks.Padding):
+    _validate_mask(mask, scores_shape)
+    return mask
+
+
+def _validate_mask(mask: _masks.Mask, scores_shape: tuple[int, ...]) -> None:
+    """Check that a mask object fits scores of ``scores_shape`` without materializing it."""
+    L, S = scores_shape[-2:]
+    if isinstance(mask, (_masks.And, _masks.Or)):
+        _validate_mask(mask.a, scores_shape)
+        _validate_mask(mask.b, scores_shape)
+    elif isinstance(mask, _masks.Dense):
+        check_broadcast("mask", mask.tensor.shape, scores_shape)
+    elif isinstance(mask, _masks.Padding):
         b = mask.lengths.shape[0]
-        if len(scores_shape) < 3 or scores_shape[0] not in (b, 1):
+        if len(scores_shape) < 3 or (scores_shape[0] != b and b != 1):
             raise ValueError(
                 f"padding mask has lengths for batch {b}, but the scores have shape {scores_shape} "
                 "(batch is the first dimension)."
             )
-    return mask
+        if mask.lengths.ndim == 2 and mask.lengths.shape[1] != L:
+            raise ValueError(
+                f"per-query padding lengths must have shape (B, L) = ({b}, {L}); got {tuple(mask.lengths.shape)}."
+            )
+    elif isinstance(mask, _masks.Graph):
+        mask._check_size(L, S)
 
 
 def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> Tensor | None:
@@ -194,7 +213,10 @@ def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> 
         return unused.reshape(unused.shape[0], *([1] * (batch_ndim - 1)), S, 1)  # (B, 1.., S, 1)
     if isinstance(mask, _masks.Dense):
         t = mask.materialize(L, S, device=device)
-        return (~t.any(-2)).unsqueeze(-1) if t.shape[-1] == S else None  # (..., S, 1)
+        if t.shape[-1] != S:
+            return None
+        used = t if t.ndim == 1 else t.any(-2)  # (..., S): may any query attend this key?
+        return (~used).unsqueeze(-1)  # (..., S, 1)
     if isinstance(mask, (_masks.And, _masks.Or)):
         a = _unused_keys(mask.a, L, S, batch_ndim, device)
         b = _unused_keys(mask.b, L, S, batch_ndim, device)

@@ -32,6 +32,8 @@ def masked_softmax(scores: Tensor, mask: Tensor | None = None, dim: int = -1) ->
     Shape:
         scores ``(..., L, S)``, mask broadcastable to it -> weights ``(..., L, S)``.
     """
+    if scores.shape[dim] == 0:  # no keys at all: nothing to weigh (out = weights @ value is then zero)
+        return scores.clone()
     work = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
     if mask is not None:
         work = work.masked_fill(~mask, float("-inf"))

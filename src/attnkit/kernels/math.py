@@ -5,6 +5,7 @@ This is the readable reference every fast kernel must agree with; it materialize
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -14,11 +15,20 @@ from attnkit.masks import Mask
 
 
 def compute_scores(query: Tensor, key: Tensor, score, scale: float | None) -> Tensor:
-    """``score(q, k)``, with ``scale`` replacing ``1/sqrt(d)`` for ``scaled_dot`` and multiplying otherwise."""
+    """``score(q, k)``, with ``scale`` replacing ``1/sqrt(d)`` for ``scaled_dot`` and multiplying otherwise.
+
+    Parameter-free scores of half-precision inputs are computed in float32: ``q . k`` of float16 inputs can
+    exceed 65504 even when the scaled score does not.
+    """
+    if query.dtype in (torch.float16, torch.bfloat16) and score in _UPCAST:
+        query, key = query.float(), key.float()
     if score is _scores.scaled_dot:
         return _scores.scaled_dot(query, key, scale=scale)  # (..., L, S)
     scores = score(query, key)  # (..., L, S)
     return scores if scale is None else scores * scale
+
+
+_UPCAST = (_scores.dot, _scores.scaled_dot, _scores.gaussian)
 
 
 def dense_mask(mask: Mask | None, query: Tensor, key: Tensor) -> Tensor | None:
@@ -48,5 +58,6 @@ def math_attention(query, key, value, *, score, mask, bias, normalize, scale, dr
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     # O = A' V
+    weights = weights.to(value.dtype)
     out = weights @ value  # (..., L, Dv)
     return (out, weights) if return_weights else out
