@@ -189,10 +189,17 @@ class Padding(Mask):
 
     def block_mask(self, L, S, block=128, *, device=None):
         bq, bk = _block_sizes(block)
-        longest = int(self.lengths.max()) if self.lengths.numel() else 0
-        k0 = torch.arange(_cdiv(S, bk), device=device) * bk
-        cols = k0 < longest  # (nk,)
-        return cols[None, :].expand(_cdiv(L, bq), -1).clone()
+        nq = _cdiv(L, bq)
+        lengths = self.lengths.to(device) if device is not None else self.lengths
+        if lengths.ndim == 1:
+            longest = lengths.amax().expand(nq) if lengths.numel() else torch.zeros(nq, dtype=lengths.dtype)
+        else:  # per query: the longest row of each query tile, over the batch
+            per_query = lengths.amax(0) if lengths.shape[0] else torch.zeros(L, dtype=lengths.dtype)  # (L,)
+            padded = torch.zeros(nq * bq, dtype=per_query.dtype, device=per_query.device)
+            padded[:L] = per_query
+            longest = padded.view(nq, bq).amax(1)  # (nq,)
+        k0 = torch.arange(_cdiv(S, bk), device=longest.device) * bk
+        return k0[None, :] < longest[:, None]  # (nq, nk)
 
     def __repr__(self) -> str:
         return f"padding(lengths={tuple(self.lengths.shape)})"
