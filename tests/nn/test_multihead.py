@@ -319,3 +319,13 @@ def test_half_precision_empty_rows_are_zero_not_nan(dtype):
     assert (w[0] == 0).all()
     ref, w_ref = ref_mha(m, x, x, x, mask=masks.padding(torch.tensor([0, 3])).materialize(5, 5, batch_ndim=2))
     torch.testing.assert_close(w.double(), w_ref, atol=2e-2, rtol=0)
+
+
+def test_autocast_accepts_mixed_input_dtypes():
+    m = MultiHeadAttention(8, 2)
+    x, memory = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, memory.bfloat16())
+    torch.testing.assert_close(out.float(), m(x, memory), atol=5e-2, rtol=0)
+    with pytest.raises(TypeError, match="key"):
+        m(x, memory.bfloat16())  # outside autocast the mismatch is a mistake

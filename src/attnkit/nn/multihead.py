@@ -230,8 +230,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"key batch size must equal query batch size {query.shape[0]}; got key {tuple(key.shape)}."
             )
+        # under autocast the projections bring mixed input dtypes to one, as torch's own layers allow
+        same_dtype_needed = not torch.is_autocast_enabled(query.device.type)
         for name, x in (("key", key), ("value", value)):
-            if x.dtype != query.dtype or x.device != query.device:
+            if (same_dtype_needed and x.dtype != query.dtype) or x.device != query.device:
                 raise TypeError(
                     f"{name} must have the dtype and device of query ({query.dtype}, {query.device}); "
                     f"got ({x.dtype}, {x.device})."
