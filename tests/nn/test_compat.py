@@ -219,3 +219,15 @@ def test_bad_input_names_the_argument():
         c(q, k, v.double())
     with pytest.raises(ValueError, match="num_heads"):
         MultiheadAttention(10, 4)
+
+
+def test_autocast_mixed_dtypes_like_torch():
+    t, c = pair(batch_first=True)
+    q, k, v = inputs(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kw = dict(attn_mask=float_mask(L, S), key_padding_mask=ignore_mask(N, S))
+        out_t, w_t = t(q, k.bfloat16(), v.bfloat16(), **kw)
+        out_c, w_c = c(q, k.bfloat16(), v.bfloat16(), **kw)
+    assert out_c.dtype == out_t.dtype
+    torch.testing.assert_close(out_c.float(), out_t.float(), atol=3e-2, rtol=0)
+    torch.testing.assert_close(w_c.float(), w_t.float(), atol=3e-2, rtol=0)

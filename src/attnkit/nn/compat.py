@@ -160,6 +160,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             k = torch.cat([k, zeros], dim=2)  # (N, H, S'+1, D)
             v = torch.cat([v, zeros], dim=2)  # (N, H, S'+1, D)
             extra += 1
+        if add is not None:
+            add = add.to(q.dtype)  # the projections' dtype (differs from query's under autocast)
         if extra:
             # the appended keys are never masked
             if allowed is not None:
@@ -203,7 +205,8 @@ class MultiheadAttention(nn.MultiheadAttention):
                     f"{name} must have as many dimensions as query ({query.ndim}-D); "
                     f"got shape {tuple(x.shape)}."
                 )
-            if x.dtype != query.dtype or x.device != query.device:
+            mixed_ok = torch.is_autocast_enabled(query.device.type)  # autocast unifies dtypes, as in torch
+            if (x.dtype != query.dtype and not mixed_ok) or x.device != query.device:
                 raise TypeError(
                     f"{name} must have the dtype and device of query ({query.dtype}, {query.device}); "
                     f"got ({x.dtype}, {x.device})."
