@@ -92,3 +92,27 @@ def edge_attention_ref(
         for n, e in enumerate(edges):
             out[i] += a[n].unsqueeze(-1) * value[src[e]]
     return w, out
+
+
+def additive_scores_ref(q: Tensor, k: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor) -> Tensor:
+    """a(q_i, k_j) = w_v . tanh(W_q q_i + W_k k_j), with explicit loops over i and j. Returns (..., L, S)."""
+    q, k, w_q, w_k, w_v = (t.double() for t in (q, k, w_q, w_k, w_v))
+    L, S = q.shape[-2], k.shape[-2]
+    out = torch.zeros(*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), L, S, dtype=torch.float64)
+    for i in range(L):
+        for j in range(S):
+            out[..., i, j] = (torch.tanh(q[..., i, :] @ w_q.T + k[..., j, :] @ w_k.T) * w_v).sum(-1)
+    return out
+
+
+def softmax_from_scores_ref(s: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """out = softmax(s | mask) v in float64 (empty rows -> 0)."""
+    s, v = s.double(), v.double()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    tot = e.sum(-1, keepdim=True)
+    w = e / torch.where(tot > 0, tot, torch.ones_like(tot))
+    return w @ v, w

@@ -1,0 +1,93 @@
+"""attention(..., backend=...) routes structured masks to the fast kernels, validates explicit names, and every
+kernel agrees with the float64 reference through the public contract."""
+
+import functools
+
+import pytest
+import torch
+from _kernel_ref import band_mask, masked_softmax_attention_ref
+
+from attnkit import masks
+from attnkit.functional import scores
+from attnkit.functional.attention import attention
+from attnkit.kernels import dispatch
+
+
+def _qkv(B=2, H=2, L=24, S=24, D=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, n, D, generator=g, dtype=dtype) for n in (L, S, S))
+
+
+def _graph_mask(N, E, seed):
+    g = torch.Generator().manual_seed(seed)
+    ei = torch.stack([torch.randint(0, N, (E,), generator=g), torch.randint(0, N - 1, (E,), generator=g)])
+    return masks.graph(ei, num_nodes=N)
+
+
+CASES = {
+    "window": lambda L, S: masks.window(3, 2),
+    "blocksparse": lambda L, S: masks.window(3, 0) | masks.dense(torch.rand(L, S) < 0.1),
+    "graph": lambda L, S: _graph_mask(L, 60, 1),
+    "chunked": lambda L, S: masks.causal() & masks.padding(torch.tensor([S, S - 5])),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(CASES))
+def test_explicit_backend_matches_reference_and_returns_weights(backend):
+    torch.manual_seed(0)
+    q, k, v = _qkv()
+    mask = CASES[backend](24, 24)
+    dense = mask.materialize(24, 24, batch_ndim=2)
+    assert dense.any() and not dense.all()
+    out, w = attention(q, k, v, mask=mask, backend=backend, return_weights=True)
+    ref_out, ref_w = masked_softmax_attention_ref(q, k, v, dense)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.double(), ref_w, rtol=1e-5, atol=1e-5)
+    # asking for the picture never changes the output
+    torch.testing.assert_close(attention(q, k, v, mask=mask, backend=backend), out)
+
+
+@pytest.mark.parametrize("backend", sorted(CASES))
+def test_explicit_backend_gradcheck(backend):
+    q, k, v = (t.requires_grad_(True) for t in _qkv(B=1, H=1, L=9, S=9, D=3, dtype=torch.float64))
+    mask = {"graph": _graph_mask(9, 20, 2), "chunked": masks.causal() & masks.padding(torch.tensor([6]))}.get(
+        backend, CASES[backend](9, 9))
+    assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, mask=mask, backend=backend), (q, k, v))
+
+
+def test_auto_routes_by_structure():
+    q, k, v = _qkv(B=1, H=1, L=2048, S=2048, D=4)
+    req = dict(score=scores.scaled_dot, bias=None, normalize="softmax", dropout_p=0.0, return_weights=False)
+    assert dispatch.choose(q, k, v, mask=masks.window(8, 8), **req) == "window"
+    assert dispatch.choose(q, k, v, mask=masks.window(8, 0) | masks.window(0, 8), **req) == "blocksparse"
+    assert dispatch.choose(q, k, v, mask=masks.window(None, 8), **req) == "sdpa"  # half the tiles: dense wins
+    assert dispatch.choose(q, k, v, mask=masks.causal(), **req) == "sdpa"
+    assert dispatch.choose(q, k, v, mask=None, **req) == "sdpa"
+    assert dispatch.choose(q, k, v, mask=_graph_mask(2048, 3000, 3), **req) == "graph"
+    assert dispatch.choose(q, k, v, mask=masks.window(1000, 1000), **req) == "sdpa"
+    add = functools.partial(scores.additive, w_q=torch.randn(5, 4), w_k=torch.randn(5, 4), w_v=torch.randn(5))
+    assert dispatch.choose(q, k, v, mask=None, **{**req, "score": add}) == "chunked"
+
+
+def test_auto_window_equals_band_reference():
+    q, k, v = _qkv(B=1, H=2, L=300, S=280, D=4)
+    out = attention(q, k, v, mask=masks.window(5, 1))
+    ref, _ = masked_softmax_attention_ref(q, k, v, band_mask(300, 280, 5, 1))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "backend,kwargs,why",
+    [("window", dict(mask=masks.causal()), "both widths finite"),
+     ("window", dict(mask=masks.window(2, 2), bias=torch.zeros(24, 24)), "bias"),
+     ("graph", dict(mask=masks.window(2, 2)), "graph mask"),
+     ("blocksparse", dict(mask=None), "no mask"),
+     ("blocksparse", dict(mask=masks.window(2, 2), normalize="relu"), "softmax"),
+     ("window", dict(mask=masks.window(2, 2), dropout_p=0.1), "dropout"),
+     ("chunked", dict(normalize="sigmoid"), "softmax"),
+     ("nope", dict(), "one of")],
+)
+def test_explicit_backend_that_cannot_serve_raises(backend, kwargs, why):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=why):
+        attention(q, k, v, backend=backend, **kwargs)
