@@ -90,7 +90,8 @@ class GATConv(nn.Module):
         - out ``(N, H*D)`` if ``concat`` else ``(N, D)``
         - with ``return_weights``: ``(out, (edge_index', weights))``, ``edge_index'`` ``(2, E')`` the edges
           actually used (self-loops included) and ``weights`` ``(E', H)`` the coefficients that multiplied
-          the features (after dropout in training mode); they sum to one over the in-edges of each node.
+          the features (after dropout in training mode); in eval mode they sum to one over each node's
+          in-edges.
         A node with no in-edge (isolated, ``add_self_loops=False``) gets a zero aggregate (plus ``bias``).
 
     Raises:
