@@ -50,7 +50,8 @@ def attention_weights(query, key, *, score, mask, bias, normalize, scale) -> Ten
         # A + bias
         scores = scores + bias
     # A' = normalize(A) over the allowed keys
-    return get_normalizer(normalize)(scores, dense_mask(mask, query, key))  # (..., L, S)
+    weights = get_normalizer(normalize)(scores, dense_mask(mask, query, key))  # (..., L, S)
+    return weights.to(query.dtype)  # float32 scores of half inputs go back to the inputs' dtype
 
 
 def math_attention(query, key, value, *, score, mask, bias, normalize, scale, dropout_p, return_weights):
@@ -58,6 +59,5 @@ def math_attention(query, key, value, *, score, mask, bias, normalize, scale, dr
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     # O = A' V
-    weights = weights.to(value.dtype)
     out = weights @ value  # (..., L, Dv)
     return (out, weights) if return_weights else out
