@@ -1,8 +1,9 @@
 """Property tests (hypothesis) for attnkit.functional.attention over random shapes, masks, dtypes and backends.
 
-Shapes: batch 1-2, heads 1-3, lengths 1..17 (1, 2, 5, 17 drawn often), head dims 1, 3, 5, 7, 8; masks: random
-dense (surely holding both True and False), causal and windows (bottom-right, L != S both ways), padding (B,) and
-(B, L), and their combinations; dtypes float64/float32/float16/bfloat16; backends auto/math/sdpa.
+Shapes: batch 1-2, query heads 1-4 with key/value heads dividing them (MHA, GQA, MQA), lengths 1..17 (1, 2, 5,
+17 drawn often), head dims 1, 3, 5, 7, 8; masks: random dense (surely holding both True and False), causal and
+windows (bottom-right, L != S both ways), padding (B,) and (B, L), and their combinations; dtypes
+float64/float32/float16/bfloat16; backends auto/math/sdpa.
 
 Proves, for every draw: output and weights equal the float64 oracle; weights sum to 1 over allowed keys and are 0
 elsewhere; fully-masked rows give zero weights, zero output, no NaN, finite gradients; changing masked-out keys
@@ -32,6 +33,7 @@ MASK_KINDS = ["dense", "causal", "window", "padding", "padding_per_query", "caus
 class Problem:
     B: int
     H: int
+    Hkv: int
     L: int
     S: int
     D: int
@@ -46,8 +48,10 @@ class Problem:
 
 @st.composite
 def problems(draw, dtypes=DTYPES, kinds=MASK_KINDS):
+    H = draw(st.sampled_from([1, 2, 3, 4]))
     return Problem(
-        B=draw(st.integers(1, 2)), H=draw(st.integers(1, 3)), L=draw(LENGTHS), S=draw(LENGTHS),
+        B=draw(st.integers(1, 2)), H=H, Hkv=draw(st.sampled_from([h for h in (1, 2, 3, 4) if H % h == 0])),
+        L=draw(LENGTHS), S=draw(LENGTHS),
         D=draw(st.sampled_from([1, 3, 5, 7, 8])), Dv=draw(st.sampled_from([1, 2, 5, 6])),
         dtype=draw(st.sampled_from(dtypes)), backend=draw(st.sampled_from(["auto", "math", "sdpa"])),
         mask_kind=draw(st.sampled_from(kinds)), left=draw(st.none() | st.integers(0, 3)),
@@ -59,8 +63,8 @@ def make(p: Problem):
     """q, k, v in p.dtype, the attnkit mask, and the oracle's dense mask (B|1, 1, L, S) built independently."""
     g = torch.Generator().manual_seed(p.seed)
     q = torch.randn(p.B, p.H, p.L, p.D, generator=g).to(p.dtype)
-    k = torch.randn(p.B, p.H, p.S, p.D, generator=g).to(p.dtype)
-    v = torch.randn(p.B, p.H, p.S, p.Dv, generator=g).to(p.dtype)
+    k = torch.randn(p.B, p.Hkv, p.S, p.D, generator=g).to(p.dtype)  # Hkv divides H: grouped-query when <
+    v = torch.randn(p.B, p.Hkv, p.S, p.Dv, generator=g).to(p.dtype)
     dense = random_mask((p.B, 1, p.L, p.S), g, p=0.6)
     if dense.numel() >= 2:
         assert bool(dense.any()) and not bool(dense.all())
@@ -179,7 +183,7 @@ def test_causality_through_gradients(p):
     q, k, v, mask, dense = make(p)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = attention(q, k, v, mask=mask, backend=p.backend)
-    allowed = dense.expand(p.B, p.H, p.L, p.S)
+    allowed = dense.expand(p.B, 1, p.L, p.S)  # the same for every head
     reached_any = False
     for i in range(p.L):
         gq, gk, gv = torch.autograd.grad(out[..., i, :].sum(), (q, k, v), retain_graph=True)
