@@ -180,3 +180,22 @@ def test_score_shape_errors_name_the_weight(gen):
         concat(q, k, p["W_cat"])
     with pytest.raises(ValueError, match="v is only used with a 2-D weight"):
         concat(q, k, p["w_cat"], p["v_cat"])
+
+
+# ---- numerics --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift", [0.0, 1000.0])
+def test_gaussian_float32_accuracy_far_from_origin(gen, shift):
+    """-(w ||q - k||)^2 / 2 depends on q - k only, so moving every point by the same amount changes nothing.
+
+    Nadaraya-Watson inputs (times, positions) often sit far from 0. FlashAttention's rule: the float32 result may
+    be at most twice as far from the float64 oracle as the plain float32 formula is (plus 1e-5).
+    """
+    x = torch.rand(1, 50, 1, generator=gen) * 5 + shift  # queries
+    x_i = torch.rand(1, 40, 1, generator=gen) * 5 + shift  # keys
+    ref = gaussian_ref(x, x_i, w=4.0)
+    plain32 = -((4.0 * (x.unsqueeze(-2) - x_i.unsqueeze(-3))) ** 2).sum(-1) / 2  # the equation, in float32
+    err_plain = (plain32.double() - ref).abs().max().item()
+    err = (gaussian(x, x_i, w=4.0).double() - ref).abs().max().item()
+    assert err <= 2 * err_plain + 1e-5, f"gaussian float32 error {err:.3g} vs plain float32 {err_plain:.3g}"
