@@ -269,6 +269,34 @@ def plot_attention_entropy(data: GraphData, model: GAT, x: Tensor, path: str) ->
     plt.close(fig)
 
 
+def _metrics(args, data: GraphData, runs: list[dict], karate: bool, picture: str, complete: bool) -> dict:
+    accs = torch.tensor([r["test_acc"] for r in runs], dtype=torch.float64)
+    secs = torch.tensor([r["seconds"] for r in runs], dtype=torch.float64)
+    return {
+        "complete": complete,
+        "task": "graph",
+        "dataset": data.name,
+        "data": None if karate else os.path.abspath(args.data),
+        "nodes": data.num_nodes,
+        "edges": int(data.edge_index.shape[1]),
+        "features": data.num_features,
+        "classes": data.num_classes,
+        "split": {"train": len(data.train_idx), "val": len(data.val_idx),
+                  "test": len(data.test_idx)},
+        "config": {k: getattr(args, k) for k in ("hidden", "heads", "out_heads", "dropout", "lr", "weight_decay",
+                                                  "epochs", "patience", "seed", "seeds")},
+        "torch_threads": torch.get_num_threads(),
+        "runs": runs,
+        "test_acc_mean": float(accs.mean()),
+        "test_acc_std": float(accs.std(unbiased=False)) if len(runs) > 1 else 0.0,
+        "seconds_per_run_mean": float(secs.mean()),
+        "seconds_per_run_max": float(secs.max()),
+        "published": {"gat_cora_test_acc": "83.0 +- 0.7 % (Velickovic et al. 2018, Table 2)",
+                      "gcn_cora_test_acc": "81.5 % (Kipf & Welling 2017)"},
+        "picture": picture,
+    }
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "graph",
@@ -330,6 +358,7 @@ def run(args) -> int:
         return _error(f"--out {args.out!r} cannot be created: {exc}")
 
     runs, first_model, first_data = [], None, None
+    picture = "karate.png" if karate else "attention_entropy.png"
     seeds = range(args.seed, args.seed + args.seeds)
     outer = tqdm(seeds, desc="seeds", unit="run", disable=args.no_progress or args.seeds == 1)
     for seed in outer:
@@ -346,32 +375,11 @@ def run(args) -> int:
         outer.set_postfix(test_acc=f"{result['test_acc']:.3f}")
         if first_model is None:
             first_model, first_data, first_x = model, data, x
+        if len(runs) < args.seeds:  # a partial record, in case the job is stopped
+            partial = _metrics(args, first_data, runs, karate, picture, complete=False)
+            _write_json_atomic(os.path.join(args.out, "metrics.json"), partial)
 
-    accs = torch.tensor([r["test_acc"] for r in runs], dtype=torch.float64)
-    secs = torch.tensor([r["seconds"] for r in runs], dtype=torch.float64)
-    metrics = {
-        "task": "graph",
-        "dataset": first_data.name,
-        "data": None if karate else os.path.abspath(args.data),
-        "nodes": first_data.num_nodes,
-        "edges": int(first_data.edge_index.shape[1]),
-        "features": first_data.num_features,
-        "classes": first_data.num_classes,
-        "split": {"train": len(first_data.train_idx), "val": len(first_data.val_idx),
-                  "test": len(first_data.test_idx)},
-        "config": {k: getattr(args, k) for k in ("hidden", "heads", "out_heads", "dropout", "lr", "weight_decay",
-                                                  "epochs", "patience", "seed", "seeds")},
-        "torch_threads": torch.get_num_threads(),
-        "runs": runs,
-        "test_acc_mean": float(accs.mean()),
-        "test_acc_std": float(accs.std(unbiased=False)) if len(runs) > 1 else 0.0,
-        "seconds_per_run_mean": float(secs.mean()),
-        "seconds_per_run_max": float(secs.max()),
-        "published": {"gat_cora_test_acc": "83.0 +- 0.7 % (Velickovic et al. 2018, Table 2)",
-                      "gcn_cora_test_acc": "81.5 % (Kipf & Welling 2017)"},
-    }
-    picture = "karate.png" if karate else "attention_entropy.png"
-    metrics["picture"] = picture
+    metrics = _metrics(args, first_data, runs, karate, picture, complete=True)
     _write_json_atomic(os.path.join(args.out, "metrics.json"), metrics)
     if karate:
         plot_karate(first_data, first_model, first_x, os.path.join(args.out, picture))
