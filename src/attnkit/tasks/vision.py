@@ -1,0 +1,206 @@
+"""``attnkit vision``: ViT vs CNN vs local-attention ViT on scikit-learn's 8x8 digits, accuracy vs data size.
+
+Seed 000: a CNN is self-attention restricted to a receptive field, so it has a stronger prior and needs less
+data; a ViT can learn more freely and catches up as data grows. Three models of similar size are trained on
+growing subsets of the same training split (``--sizes``, several ``--seeds``) and scored on one fixed test
+split: ``vit`` (full attention over patches), ``local`` (the same ViT with attention restricted to a
+``k x k`` neighbourhood of patches, :func:`attnkit.nn.vit.neighbourhood_mask`) and ``cnn``.
+
+Run directory (``--out``): ``metrics.json`` (every run and the mean/std table), ``accuracy_vs_data.png`` and
+``local_mask.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("vision", help="ViT vs CNN vs local attention on 8x8 digits",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/vision", help="run directory (default: %(default)s)")
+    p.add_argument("--sizes", default="100,200,400,800,all", help="training-set sizes, comma separated, 'all'")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per size and model (0 .. N-1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--models", default="vit,local,cnn", help="comma separated subset of vit,local,cnn")
+    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--k", type=int, default=3, help="local attention neighbourhood side (odd), in patches")
+    p.add_argument("--embed-dim", type=int, default=48)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--cnn-width", type=int, default=32, help="CNN channels (first layer; then 2x)")
+    p.add_argument("--pos", choices=("learned", "sinusoidal"), default="learned", help="ViT positions")
+    p.add_argument("--epochs", type=float, default=30.0, help="passes over the subset (at least --min-steps)")
+    p.add_argument("--min-steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds)")
+    p.set_defaults(func=run)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _parse_sizes(text: str, n_train: int) -> list[int]:
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "all":
+            sizes.append(n_train)
+            continue
+        if not part.isdigit() or int(part) < 10:
+            raise ValueError(f"--sizes must be integers >= 10 or 'all', comma separated; got {part!r} in {text!r}")
+        sizes.append(min(int(part), n_train))
+    return sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from attnkit.tasks import vision_models as vm
+
+    if args.quick:
+        args.sizes, args.seeds, args.embed_dim, args.depth, args.cnn_width = "40,all", 1, 16, 1, 8
+        args.epochs, args.min_steps = 0.0, 3
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in vm.MODELS:
+            raise ValueError(f"--models must be a comma separated subset of {vm.MODELS}; got {m!r}")
+    if 8 % args.patch_size:
+        raise ValueError(f"--patch-size must divide 8; got {args.patch_size}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    x_train, y_train, x_test, y_test = vm.load_digits_split()
+    sizes = _parse_sizes(args.sizes, len(y_train))
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    jobs = [(n, s, m) for n in sizes for s in seeds for m in models]
+    runs, params = [], {}
+    bar = tqdm(jobs, desc="vision")
+    for n, seed, name in bar:
+        torch.manual_seed(seed)
+        model = vm.build(name, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
+                         patch_size=args.patch_size, k=args.k, cnn_width=args.cnn_width, pos_embedding=args.pos)
+        params[name] = sum(p.numel() for p in model.parameters())
+        gen = torch.Generator().manual_seed(seed)
+        idx = vm.stratified_subset(y_train, n, gen)
+        steps = max(args.min_steps, math.ceil(args.epochs * n / args.batch_size))
+        train(model, x_train[idx], y_train[idx], steps=steps, lr=args.lr, batch_size=args.batch_size, gen=gen)
+        acc = evaluate(model, x_test, y_test)
+        runs.append({"model": name, "train_size": n, "seed": seed, "steps": steps, "test_accuracy": acc})
+        bar.set_postfix(model=name, n=n, acc=f"{acc:.3f}")
+
+    table = summarize(runs, models, sizes)
+    metrics = {
+        "task": "vision", "data": "sklearn.datasets.load_digits (8x8), stratified 70/30 split, random_state=0",
+        "train_images": len(y_train), "test_images": len(y_test), "sizes": sizes, "seeds": seeds,
+        "parameters": params, "quick": bool(args.quick),
+        "config": {k: getattr(args, k) for k in ("patch_size", "k", "embed_dim", "depth", "heads", "cnn_width",
+                                                 "pos", "epochs", "min_steps", "batch_size", "lr")},
+        "table": table, "runs": runs,
+    }
+    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    _print_table(table, models, sizes, params)
+    _plot(table, models, sizes, out, grid=8 // args.patch_size, k=args.k, patch_size=args.patch_size)
+    return 0
+
+
+def train(model, x, y, *, steps: int, lr: float, batch_size: int, gen: torch.Generator) -> None:
+    """AdamW with a one-cycle schedule, random batches with ±1 pixel shifts."""
+    from attnkit.tasks.vision_models import random_shift
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (min(batch_size, len(y)),), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(random_shift(x[idx], gen)), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size: int = 512) -> float:
+    """Test accuracy."""
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(y), batch_size))
+    return correct / len(y)
+
+
+def summarize(runs: list[dict], models: list[str], sizes: list[int]) -> dict:
+    """``table[model][size] = {"mean", "std", "n"}`` over seeds."""
+    table: dict = {}
+    for m in models:
+        table[m] = {}
+        for n in sizes:
+            accs = [r["test_accuracy"] for r in runs if r["model"] == m and r["train_size"] == n]
+            table[m][str(n)] = {"mean": statistics.fmean(accs), "std": statistics.pstdev(accs), "n": len(accs)}
+    return table
+
+
+def _print_table(table: dict, models: list[str], sizes: list[int], params: dict) -> None:
+    print("| model (params) | " + " | ".join(f"n={n}" for n in sizes) + " |")
+    print("|---" * (len(sizes) + 1) + "|")
+    for m in models:
+        cells = [f"{100 * table[m][str(n)]['mean']:.1f} ± {100 * table[m][str(n)]['std']:.1f}" for n in sizes]
+        print(f"| {m} ({params[m]:,}) | " + " | ".join(cells) + " |")
+
+
+def _plot(table: dict, models: list[str], sizes: list[int], out: Path, *, grid: int, k: int,
+          patch_size: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from attnkit.nn.vit import neighbourhood_mask
+
+    labels = {"vit": "ViT (full attention)", "local": f"ViT, {k}x{k} local attention", "cnn": "CNN"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in models:
+        mean = [100 * table[m][str(n)]["mean"] for n in sizes]
+        std = [100 * table[m][str(n)]["std"] for n in sizes]
+        ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=labels[m])
+    ax.set_xscale("log")
+    ax.set(xlabel="training images", ylabel="test accuracy (%)", title="8x8 digits: accuracy vs data (mean ± std)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, out / "accuracy_vs_data.png")
+    plt.close(fig)
+
+    mask = neighbourhood_mask(grid, grid, k)  # (1 + P, 1 + P)
+    centre = (grid // 2) * grid + grid // 2  # a patch near the middle
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    axes[0].imshow(mask.numpy(), cmap="Greys", interpolation="nearest")
+    axes[0].set(title=f"local attention mask ({k}x{k} patches, token 0 = class)", xlabel="key token",
+                ylabel="query token")
+    axes[1].imshow(mask[1 + centre, 1:].reshape(grid, grid).numpy(), cmap="Blues", interpolation="nearest")
+    axes[1].plot(centre % grid, centre // grid, "r*", markersize=14)
+    axes[1].set(title=f"what patch {centre} (*) may attend to\n= a {k}x{k} conv's receptive field "
+                      f"({patch_size}x{patch_size}-pixel patches)")
+    fig.tight_layout()
+    _save(fig, out / "local_mask.png")
+    plt.close(fig)
+
+
+def _save(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
