@@ -40,6 +40,8 @@ def _mask_case(name, gen, L, S, B=2):
     """(attnkit mask, dense oracle mask broadcastable to (B, H, L, S)) built independently."""
     if name == "none":
         return None, None
+    if name == "full":
+        return masks.full(), None
     if name == "dense":
         m = random_mask((L, S), gen)
         return m, m
@@ -67,8 +69,8 @@ def _mask_case(name, gen, L, S, B=2):
     raise AssertionError(name)
 
 
-MASKS = ["none", "dense", "dense_batched", "causal", "window", "window_left_none", "padding", "padding_per_query",
-         "causal&padding", "window|dense"]
+MASKS = ["none", "full", "dense", "dense_batched", "causal", "window", "window_left_none", "padding",
+         "padding_per_query", "causal&padding", "window|dense"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

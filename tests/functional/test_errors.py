@@ -39,6 +39,9 @@ def test_head_counts_not_divisible():
     q, k, v = _qkv(H=4, Hkv=3)
     with pytest.raises(ValueError, match="query heads must be a multiple of key/value heads.*4 query heads and 3"):
         attention(q, k, v)
+    q, k, v = _qkv(H=2, Hkv=4)
+    with pytest.raises(ValueError, match="query heads must be a multiple of key/value heads.*2 query heads and 4"):
+        attention(q, k, v)
 
 
 def test_score_dimension_mismatch():

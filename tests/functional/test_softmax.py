@@ -157,3 +157,24 @@ def test_callable_normalizer_is_used(gen):
 def test_bad_normalizer_name():
     with pytest.raises(ValueError, match=r"normalize must be one of \['none', 'relu', 'sigmoid', 'softmax'\]"):
         get_normalizer("tanh")
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_extreme_inputs_stay_finite_and_convex(gen, backend, dtype):
+    """bf16 inputs of 133120 (scores ~1e10) and float16 inputs of 200 (q.k ~ 3e5 > 65504): no NaN, and every
+    output feature lies within [min, max] of the allowed values (the weights are a convex combination)."""
+    big = 133120.0 if dtype == torch.bfloat16 else 200.0
+    q = (torch.randn(2, 2, 5, 8, generator=gen).sign() * big).to(dtype)
+    k = (torch.randn(2, 2, 7, 8, generator=gen).sign() * big).to(dtype)
+    v = torch.randn(2, 2, 7, 3, generator=gen).to(dtype)
+    mask = random_mask((5, 7), gen, p=0.6)
+    mask[:, 0] = True
+    out = attention(q, k, v, mask=mask, score="dot", backend=backend)
+    assert bool(out.isfinite().all())
+    allowed = mask[None, None, :, :, None]  # (1, 1, L, S, 1)
+    vv = v.double().unsqueeze(-3)  # (B, H, 1, S, Dv)
+    lo = torch.where(allowed, vv, torch.inf).amin(-2)
+    hi = torch.where(allowed, vv, -torch.inf).amax(-2)
+    slack = 1e-2 * (hi - lo).abs().amax()
+    assert bool((out.double() >= lo - slack).all()) and bool((out.double() <= hi + slack).all())
