@@ -1,0 +1,213 @@
+"""``attnkit lm``: linear attention as an RNN, measured: per-token generation cost vs position.
+
+Seed 000: self-attention over a growing prefix costs more with every token (a KV cache saves recomputing keys
+but each new token still attends to all ``t`` of them), while linear attention ("Transformers are RNNs",
+Katharopoulos et al. 2020) carries a fixed-size state, so every token costs the same. Two tiny character-level
+models, identical but for the attention, are trained on counting text written offline with ``num2words``
+("one, two, three, ..."); then each generates ``--gen-len`` tokens one at a time and every step is timed
+(the two models take turns token by token, so load from other processes falls on both alike).
+
+Run directory (``--out``): ``metrics.json`` (losses, samples, per-position timings in bins) and
+``cost_per_token.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("lm", help="linear attention as an RNN: per-token generation cost",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/lm", help="run directory (default: %(default)s)")
+    p.add_argument("--numbers", type=int, default=3000, help="count from 1 to N in words for the corpus")
+    p.add_argument("--steps", type=int, default=400, help="training steps per model")
+    p.add_argument("--context", type=int, default=128, help="training window (characters)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--gen-len", type=int, default=4096, help="tokens generated (and timed) per model")
+    p.add_argument("--bins", type=int, default=32, help="position bins for the timing table and plot")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds)")
+    p.set_defaults(func=run)
+
+
+def counting_text(n: int) -> str:
+    """``"one, two, three, ..., <n in words>."`` written with num2words (English)."""
+    from num2words import num2words
+
+    if n < 1:
+        raise ValueError(f"--numbers must be >= 1; got {n}")
+    return ", ".join(num2words(i) for i in range(1, n + 1)) + "."
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from attnkit.tasks.lm_model import CharLM
+
+    if args.quick:
+        args.numbers, args.steps, args.context, args.embed_dim, args.layers = 60, 3, 32, 16, 1
+        args.gen_len, args.bins, args.batch_size = 64, 4, 8
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = counting_text(args.numbers)
+    vocab = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(vocab)}
+    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    split = int(0.9 * len(data))
+    train_data, val_data = data[:split], data[split:]
+    if len(val_data) <= args.context + 1:
+        raise ValueError(f"--numbers={args.numbers} gives too little text for --context={args.context}")
+
+    results, models = {}, {}
+    for kind in ("linear", "softmax"):
+        torch.manual_seed(args.seed)
+        model = CharLM(len(vocab), embed_dim=args.embed_dim, num_heads=args.heads, num_layers=args.layers,
+                       attention=kind)
+        gen = torch.Generator().manual_seed(args.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.steps, 1))
+        bar = tqdm(range(args.steps), desc=f"train {kind}")
+        for _ in bar:
+            x, y = _batch(train_data, args.context, args.batch_size, gen)
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        val = validation_loss(model, val_data, args.context)
+        prompt = ", ".join(text[split:].split(", ")[1:3]) + ", "
+        sample = "".join(vocab[i] for i in greedy(model, [stoi[c] for c in prompt], 60))
+        results[kind] = {"val_loss_nats": val, "val_bits_per_char": val / math.log(2), "prompt": prompt,
+                         "greedy_continuation": sample}
+        models[kind] = model
+    for kind, seconds in time_generation(models, args.gen_len).items():
+        results[kind].update(_bin_timings(seconds, args.bins))
+
+    metrics = {"task": "lm", "seed": args.seed, "quick": bool(args.quick),
+               "corpus": f"num2words counting 1..{args.numbers}", "characters": len(text), "vocab": len(vocab),
+               "config": {k: getattr(args, k) for k in ("steps", "context", "batch_size", "lr", "embed_dim",
+                                                        "heads", "layers", "gen_len", "bins")},
+               "threads": torch.get_num_threads(), "results": results}
+    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    _plot(results, out / "cost_per_token.png")
+    print("| attention | val bits/char | ms/token first bin | ms/token last bin | last / first |")
+    print("|---|---|---|---|---|")
+    for kind, r in results.items():
+        print(f"| {kind} | {r['val_bits_per_char']:.3f} | {r['ms_first_bin']:.3f} | {r['ms_last_bin']:.3f} | "
+              f"{r['last_over_first']:.2f} |")
+    for kind, r in results.items():
+        print(f"{kind}: {r['prompt']!r} -> {r['greedy_continuation']!r}")
+    return 0
+
+
+def _batch(data: torch.Tensor, context: int, batch_size: int, gen: torch.Generator):
+    starts = torch.randint(0, len(data) - context - 1, (batch_size,), generator=gen)
+    x = torch.stack([data[s:s + context] for s in starts.tolist()])  # (B, L)
+    y = torch.stack([data[s + 1:s + context + 1] for s in starts.tolist()])  # (B, L)
+    return x, y
+
+
+@torch.no_grad()
+def validation_loss(model, data: torch.Tensor, context: int) -> float:
+    """Mean next-character cross-entropy (nats) over consecutive windows of the validation text."""
+    model.eval()
+    n = (len(data) - 1) // context
+    x = data[: n * context].view(n, context)  # (n, L)
+    y = data[1: n * context + 1].view(n, context)  # (n, L)
+    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    model.train()
+    return float(loss)
+
+
+@torch.no_grad()
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation of ``prompt`` by ``n`` tokens, token by token with the model's recurrent state."""
+    model.eval()
+    state = model.init_state(1, len(prompt) + n)
+    out = []
+    logits = None
+    for pos, tok in enumerate(prompt):
+        logits, state = model.step(torch.tensor([tok]), pos, state)
+    for pos in range(len(prompt), len(prompt) + n):
+        tok = int(logits.argmax(-1))
+        out.append(tok)
+        logits, state = model.step(torch.tensor([tok]), pos, state)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def time_generation(models: dict, length: int, *, desc: str = "generate") -> dict[str, list[float]]:
+    """Seconds of each ``model.step`` while every model generates ``length`` tokens (greedy, batch 1).
+
+    The models take turns token by token, so a burst of load from other processes hits all of them alike.
+    """
+    from tqdm import tqdm
+
+    states = {k: m.eval().init_state(1, length) for k, m in models.items()}
+    toks = {k: torch.zeros(1, dtype=torch.long) for k in models}
+    seconds: dict[str, list[float]] = {k: [] for k in models}
+    for pos in tqdm(range(length), desc=desc):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            logits, states[k] = m.step(toks[k], pos, states[k])
+            toks[k] = logits.argmax(-1)
+            seconds[k].append(time.perf_counter() - t0)
+    for m in models.values():
+        m.train()
+    return seconds
+
+
+def _bin_timings(seconds: list[float], bins: int) -> dict:
+    """Median milliseconds per token in ``bins`` consecutive position ranges (medians resist other load)."""
+    size = max(len(seconds) // bins, 1)
+    starts = list(range(0, len(seconds) - size + 1, size))[:bins]
+    medians = [1e3 * statistics.median(seconds[s:s + size]) for s in starts]
+    return {"bin_start_positions": starts, "bin_size": size, "ms_per_token_median": medians,
+            "ms_first_bin": medians[0], "ms_last_bin": medians[-1], "last_over_first": medians[-1] / medians[0]}
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"linear": "linear attention, recurrent step", "softmax": "softmax attention, KV cache"}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for kind, r in results.items():
+        x = [s + r["bin_size"] / 2 for s in r["bin_start_positions"]]
+        ax.plot(x, r["ms_per_token_median"], marker=".", label=labels[kind])
+    ax.set(xlabel="position of the generated token", ylabel="ms per token (median per bin)",
+           title="autoregressive generation cost per token", ylim=(0, None))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
