@@ -299,3 +299,18 @@ def test_nonfinite_masked_out_keys_values_do_not_leak(gen, backend, where, bad):
     dirty = attention(q, k2, v2, mask=m, backend=backend)
     assert bool(dirty.isfinite().all()), f"{bad} in masked-out {where} 3 leaked into the output"
     torch.testing.assert_close(dirty, clean, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_gradcheck_with_bias_and_an_empty_row(gen, backend):
+    from torch.autograd import gradcheck
+
+    q, k, v = (torch.randn(2, n, d, generator=gen, dtype=F64) for n, d in ((3, 4), (5, 4), (5, 3)))
+    bias = torch.randn(3, 5, generator=gen, dtype=F64)
+    mask = random_mask((2, 3, 5), gen, p=0.6)
+    mask[..., 0] = True
+    mask[1, 2] = False  # one query with nothing to attend: its gradient must be exactly zero, not NaN
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+    assert gradcheck(lambda q, k, v, b: attention(q, k, v, mask=mask, bias=b, backend=backend), inputs)
+    out = attention(*inputs[:3], mask=mask, bias=inputs[3], backend=backend)
+    torch.testing.assert_close(out, attention_ref(q, k, v, mask=mask, bias=bias)[0])

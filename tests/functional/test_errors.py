@@ -115,6 +115,12 @@ def test_mixed_dtypes():
         attention(q, k, v.half())
 
 
+def test_mixed_devices():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="query, key and value must be on one device; got cpu, meta, cpu"):
+        attention(q, k.to("meta"), v)
+
+
 def test_bad_names():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"normalize must be one of \['none', 'relu', 'sigmoid', 'softmax'\].*'tanh'"):
