@@ -11,6 +11,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attnkit import masks
 from reference import causal_ref, full_ref, graph_ref, padding_ref, random_mask, tile_any_ref, window_ref
@@ -51,8 +53,8 @@ def test_window_widths_are_inclusive():
 @pytest.mark.parametrize("L,S", [(4, 6), (6, 4), (1, 1)])
 def test_padding_per_sequence_and_per_query(gen, L, S):
     lengths = torch.tensor([0, 1, S, S + 3])  # zero, one, all, beyond S
-    for given in (lengths, lengths.tolist()):
-        m = masks.padding(given).materialize(L, S)
+    for as_given in (lengths, lengths.tolist()):
+        m = masks.padding(as_given).materialize(L, S)
         assert m.shape == (4, L, S)
         assert torch.equal(m, padding_ref(lengths, L, S))
     per_query = torch.randint(0, S + 1, (3, L), generator=gen)
@@ -191,3 +193,24 @@ def test_bad_arguments_name_the_argument():
         masks.causal().block_mask(4, 4, 0)
     with pytest.raises(ValueError, match="does not broadcast"):
         masks.dense(torch.ones(3, 3, dtype=torch.bool)).materialize(4, 4)
+
+
+# ---- property: block_mask on random sizes, blocks and widths ----------------------------------------------
+
+
+@given(L=st.integers(1, 40), S=st.integers(1, 40), bq=st.integers(1, 9), bk=st.integers(1, 9),
+       left=st.none() | st.integers(0, 6), right=st.none() | st.integers(0, 6), seed=st.integers(0, 2**31 - 1))
+def test_block_mask_property(L, S, bq, bk, left, right, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, S + 1, (2,), generator=g)
+    per_query = torch.randint(0, S + 1, (2, L), generator=g)
+    d = random_mask((L, S), g, p=0.1, mixed=L * S >= 2)
+    exact = [masks.window(left, right), masks.causal(), masks.padding(lengths), masks.padding(per_query),
+             masks.dense(d), masks.window(left, right) | masks.padding(lengths), masks.causal() | d]
+    if L == S:
+        exact.append(masks.graph(torch.randint(0, L, (2, 2 * L), generator=g), num_nodes=L))
+    for mask in exact:
+        assert torch.equal(mask.block_mask(L, S, (bq, bk)), tile_any_ref(mask.materialize(L, S), bq, bk)), mask
+    for mask in (masks.window(left, right) & masks.padding(per_query), masks.causal() & d):
+        got = mask.block_mask(L, S, (bq, bk))
+        assert bool((got | ~tile_any_ref(mask.materialize(L, S), bq, bk)).all()), mask
