@@ -10,7 +10,6 @@ of Chinese/Japanese script (written without spaces) into single characters; ``de
 from __future__ import annotations
 
 import re
-import unicodedata
 
 # Scripts written without spaces between words: one token per character.
 _CJK_RANGES = (
@@ -23,7 +22,12 @@ _CJK_RANGES = (
     (0xFF00, 0xFFEF),  # half/full-width forms (，！？)
     (0x20000, 0x2FA1F),  # CJK extensions B.. and compatibility supplement
 )
-_PUNCT_BEFORE = set(",.!?;:")
+
+
+_CJK_CLASS = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES)
+_CJK_CHAR = re.compile(f"([{_CJK_CLASS}])")
+_SPACES = re.compile(r"\s+")  # str patterns match every Unicode space: U+00A0, U+202F, U+3000, ...
+_PUNCT = re.compile(r"(?<=\S)([,.!?;:])")  # d2l: a space before punctuation that follows a non-space
 
 
 def is_cjk(char: str) -> bool:
@@ -36,18 +40,10 @@ def normalize(text: str, *, lowercase: bool = True) -> str:
     """Fold Unicode spaces, drop a BOM, optionally lowercase, space out ``, . ! ? ; :`` as d2l does."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    text = text.replace("\ufeff", "")
-    # every Unicode space (U+00A0, U+202F, U+2009, ...) becomes a plain space
-    text = "".join(" " if (ch.isspace() or unicodedata.category(ch) == "Zs") else ch for ch in text)
+    text = _SPACES.sub(" ", text.replace("\ufeff", ""))
     if lowercase:
         text = text.lower()
-    out = []
-    for i, ch in enumerate(text):
-        # d2l: a space before punctuation that follows a non-space character
-        if ch in _PUNCT_BEFORE and i > 0 and text[i - 1] != " ":
-            out.append(" ")
-        out.append(ch)
-    return re.sub(" +", " ", "".join(out)).strip()
+    return _SPACES.sub(" ", _PUNCT.sub(r" \1", text)).strip()
 
 
 def tokenize(text: str, *, lowercase: bool = True) -> list[str]:
@@ -58,22 +54,8 @@ def tokenize(text: str, *, lowercase: bool = True) -> list[str]:
     >>> tokenize("我回家了。")
     ['我', '回', '家', '了', '。']
     """
-    tokens: list[str] = []
-    for word in normalize(text, lowercase=lowercase).split(" "):
-        if not word:
-            continue
-        buf = ""
-        for ch in word:
-            if is_cjk(ch):
-                if buf:
-                    tokens.append(buf)
-                    buf = ""
-                tokens.append(ch)
-            else:
-                buf += ch
-        if buf:
-            tokens.append(buf)
-    return tokens
+    # a CJK character becomes its own word: surround it with spaces, then split on spaces
+    return _CJK_CHAR.sub(r" \1 ", normalize(text, lowercase=lowercase)).split()
 
 
 def detokenize(tokens: list[str]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 import threading
 import time
@@ -103,10 +102,21 @@ def collate(items: list[tuple[list[int], list[int]]], bos: int, eos: int, pad: i
     return src, src_lens, tgt_in, tgt_out
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The order of the ``n`` training pairs in ``epoch`` (a function of ``(seed, epoch)`` only)."""
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches (lists of pair indices) of ``epoch``: a function of ``(seed, epoch)`` only.
+
+    Pairs are shuffled, cut into pools of 50 batches, sorted by length inside a pool (less padding), cut
+    into batches, and the batches shuffled again.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    pool = 50 * batch_size
+    batches = []
+    for i in range(0, len(order), pool):
+        chunk = sorted(order[i: i + pool], key=lambda j: lengths[j])
+        batches.extend(chunk[k: k + batch_size] for k in range(0, len(chunk), batch_size))
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
 
 
 def masked_loss(logits: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float = 0.0):
@@ -206,17 +216,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
                     "progress": {"epoch": epoch, "step": start, "global_step": global_step, "sums": sums}}
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, meta=meta_out)
 
-    n_batches = math.ceil(len(train_items) / cfg.batch_size)
+    lengths = [len(s) + len(t) for s, t in train_items]
+    n_batches = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
     t0 = time.perf_counter()
     status = "done"
     model.train()
     with _StopFlag() as stop:
         while epoch < cfg.epochs and status == "done":
-            order = epoch_order(len(train_items), cfg.seed, epoch)
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
             bar = _progress(n_batches, start, f"epoch {epoch + 1}/{cfg.epochs}", progress)
             t_epoch, tokens_epoch = time.perf_counter(), 0
             for b in range(start, n_batches):
-                batch = [train_items[i] for i in order[b * cfg.batch_size: (b + 1) * cfg.batch_size]]
+                batch = [train_items[i] for i in batches[b]]
                 src, src_lens, tgt_in, tgt_out = collate(batch, bos, eos)
                 logits, _ = model(src, src_lens, tgt_in)
                 loss, n_tok = masked_loss(logits, tgt_out, cfg.label_smoothing)
