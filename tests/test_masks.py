@@ -214,3 +214,19 @@ def test_block_mask_property(L, S, bq, bk, left, right, seed):
     for mask in (masks.window(left, right) & masks.padding(per_query), masks.causal() & d):
         got = mask.block_mask(L, S, (bq, bk))
         assert bool((got | ~tile_any_ref(mask.materialize(L, S), bq, bk)).all()), mask
+
+
+@pytest.mark.parametrize("shape", [(9,), (1, 9), (6, 1), (2, 1, 6, 9), (1, 1, 1, 9)])
+def test_block_mask_of_broadcast_dense_masks(gen, shape):
+    """A dense mask only broadcastable to (L, S) (key mask (S,) or (1, S), query mask (L, 1), batched)."""
+    L, S = 6, 9
+    d = random_mask(shape, gen, p=0.3)
+    full_d = d.expand(*d.shape[:-2], L, S) if d.ndim >= 2 else d.expand(L, S)
+    for mask, dense in ((masks.dense(d), full_d), (masks.causal() & d, causal_ref(L, S) & full_d),
+                        (masks.causal() | d, causal_ref(L, S) | full_d)):
+        got = mask.block_mask(L, S, (2, 4))
+        expect = tile_any_ref(dense, 2, 4)
+        if isinstance(mask, masks.And):
+            assert bool((got | ~expect).all()), mask
+        else:
+            assert torch.equal(got, expect), mask

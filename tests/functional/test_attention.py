@@ -285,19 +285,35 @@ def test_empty_keys_give_zero_output_and_zero_dq(gen, backend):
     assert bool((q.grad == 0).all())
 
 
+def _mask_hiding_key_3(kind, gen):
+    """(mask, L, S): key 3 is one no query may attend; every query keeps at least one key."""
+    if kind == "dense":
+        m = random_mask((5, 7), gen)
+        m[:, 3] = False
+        m[:, 0] = True
+        return m, 5, 7
+    if kind == "padding":
+        return masks.padding(torch.tensor([3, 2])), 5, 7
+    if kind == "window":  # L=2, S=7, bottom-right: query 0 sees keys 4, 5 and query 1 keys 5, 6
+        return masks.window(1, 0), 2, 7
+    if kind == "graph":  # edges j -> i; node 3 is the source of no edge
+        return masks.graph(torch.tensor([[0, 1, 2, 4, 5, 6, 0], [1, 2, 3, 5, 6, 0, 4]]), num_nodes=7), 7, 7
+    raise AssertionError(kind)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["dense", "padding", "window", "graph"])
 @pytest.mark.parametrize("where", ["key", "value"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_masked_out_keys_values_do_not_leak(gen, backend, where, bad):
-    q, k, v = _qkv(gen, L=5, S=7, dtype=torch.float32)
-    m = random_mask((5, 7), gen)
-    m[:, 3] = False  # key 3 is masked for every query
-    m[:, 0] = True
-    clean = attention(q, k, v, mask=m, backend=backend)
+def test_nonfinite_masked_out_keys_values_do_not_leak(gen, backend, kind, where, bad):
+    """A key no query may attend (padding, outside every window, no out-edge) holding NaN/inf changes nothing."""
+    mask, L, S = _mask_hiding_key_3(kind, gen)
+    q, k, v = _qkv(gen, L=L, S=S, dtype=torch.float32)
+    clean = attention(q, k, v, mask=mask, backend=backend)
     k2, v2 = k.clone(), v.clone()
     (k2 if where == "key" else v2)[..., 3, :] = bad
-    dirty = attention(q, k2, v2, mask=m, backend=backend)
-    assert bool(dirty.isfinite().all()), f"{bad} in masked-out {where} 3 leaked into the output"
+    dirty = attention(q, k2, v2, mask=mask, backend=backend)
+    assert bool(dirty.isfinite().all()), f"{bad} in masked-out {where} 3 leaked into the output ({kind} mask)"
     torch.testing.assert_close(dirty, clean, rtol=1e-6, atol=1e-6)
 
 
@@ -314,3 +330,19 @@ def test_gradcheck_with_bias_and_an_empty_row(gen, backend):
     assert gradcheck(lambda q, k, v, b: attention(q, k, v, mask=mask, bias=b, backend=backend), inputs)
     out = attention(*inputs[:3], mask=mask, bias=inputs[3], backend=backend)
     torch.testing.assert_close(out, attention_ref(q, k, v, mask=mask, bias=bias)[0])
+
+
+@pytest.mark.parametrize("mask_kind", ["causal&key_mask", "window", "padding&causal", "dense_sparse"])
+def test_auto_at_sizes_where_fast_kernels_take_over(gen, mask_kind):
+    """backend='auto' on 600 x 600 problems (where structured masks leave the plain path) equals backend='math'."""
+    L = S = 600
+    q, k, v = _qkv(gen, B=1, H=2, L=L, S=S, D=8, Dv=4, dtype=torch.float32)
+    key_mask = torch.arange(S) < 100  # (S,): a key mask, as users write it
+    mask = {
+        "causal&key_mask": masks.causal() & key_mask,
+        "window": masks.window(8, 0),
+        "padding&causal": masks.padding(torch.tensor([90])) & masks.causal(),
+        "dense_sparse": random_mask((1, 1, L, S), gen, p=0.002),
+    }[mask_kind]
+    out = attention(q, k, v, mask=mask)
+    torch.testing.assert_close(out, attention(q, k, v, mask=mask, backend="math"), rtol=1e-5, atol=1e-5)
