@@ -229,6 +229,12 @@ def tile_any_ref(dense: Tensor, bq: int, bk: int) -> Tensor:
 # ---- test data -------------------------------------------------------------------------------------------
 
 
+def assert_mixed(mask: Tensor) -> Tensor:
+    """Fail unless ``mask`` holds both True and False (a mask test on an all-True mask proves nothing)."""
+    assert bool(mask.any()) and not bool(mask.all()), f"mask of shape {tuple(mask.shape)} is not mixed"
+    return mask
+
+
 def random_mask(shape, generator: torch.Generator, p: float = 0.5, *, mixed: bool = True) -> Tensor:
     """Bernoulli(p) boolean mask; with ``mixed`` (and at least 2 entries) it surely holds both True and False."""
     m = torch.rand(shape, generator=generator) < p
@@ -238,5 +244,5 @@ def random_mask(shape, generator: torch.Generator, p: float = 0.5, *, mixed: boo
             flat[int(torch.randint(flat.numel(), (1,), generator=generator))] = False
         if not bool(flat.any()):
             flat[int(torch.randint(flat.numel(), (1,), generator=generator))] = True
-        assert bool(flat.any()) and not bool(flat.all())
+        assert_mixed(m)
     return m

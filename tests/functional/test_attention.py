@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from attnkit import masks
 from attnkit.functional import attention
 from reference import (
+    assert_mixed,
     attention_ref,
     causal_ref,
     graph_ref,
@@ -118,6 +119,7 @@ def test_vs_torch_sdpa_float32(gen, backend, with_bias):
     q, k, v = _qkv(gen, L=9, S=13, D=8, Dv=8, dtype=torch.float32)
     mask = random_mask((2, 3, 9, 13), gen)
     mask[..., 0] = True  # every row keeps a key (SDPA's own result for empty rows is not the point here)
+    assert_mixed(mask)
     bias = torch.randn(1, 3, 9, 13, generator=gen) if with_bias else None
     out = attention(q, k, v, mask=mask, bias=bias, backend=backend)
     sdpa_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
@@ -144,6 +146,7 @@ def test_vs_torch_multihead_attention(gen, backend):
     lengths = torch.tensor([S, 4])
     allowed = random_mask((L, S), gen, p=0.7)
     allowed[:, 0] = True
+    assert_mixed(allowed)
     valid = padding_ref(lengths, L, S)[:, 0, :]  # (B, S) True = real key
     with torch.no_grad():
         expect, expect_w = mha(x_q, x_kv, x_kv, key_padding_mask=~valid, attn_mask=~allowed, need_weights=True,
@@ -252,6 +255,7 @@ def test_mask_broadcast_and_expanded_masks(gen, backend, shape):
     m = random_mask(shape, gen)
     if m.shape[-1] == 1:
         m[0, 0, 0, 0] = True  # (1, 3, 5, 1): some rows fully masked, others open
+        assert_mixed(m)
     expanded = m.expand(2, 3, 5, 7)  # stride-0 view
     ref = attention_ref(q, k, v, mask=m)[0]
     torch.testing.assert_close(attention(q, k, v, mask=m, backend=backend), ref)
@@ -291,6 +295,7 @@ def _mask_hiding_key_3(kind, gen):
         m = random_mask((5, 7), gen)
         m[:, 3] = False
         m[:, 0] = True
+        assert_mixed(m)
         return m, 5, 7
     if kind == "padding":
         return masks.padding(torch.tensor([3, 2])), 5, 7
@@ -326,6 +331,7 @@ def test_gradcheck_with_bias_and_an_empty_row(gen, backend):
     mask = random_mask((2, 3, 5), gen, p=0.6)
     mask[..., 0] = True
     mask[1, 2] = False  # one query with nothing to attend: its gradient must be exactly zero, not NaN
+    assert_mixed(mask)
     inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
     assert gradcheck(lambda q, k, v, b: attention(q, k, v, mask=mask, bias=b, backend=backend), inputs)
     out = attention(*inputs[:3], mask=mask, bias=inputs[3], backend=backend)

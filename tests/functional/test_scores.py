@@ -16,6 +16,7 @@ from torch.autograd import gradcheck
 from attnkit.functional import additive, attention, concat, dot, gaussian, general, scaled_dot
 from reference import (
     additive_ref,
+    assert_mixed,
     attention_ref,
     concat_ref,
     dot_ref,
@@ -108,6 +109,7 @@ def _masked_inputs(gen, dq=3, dk=3, L=3, S=4):
     v = torch.randn(2, S, 2, generator=gen, dtype=F64)
     mask = random_mask((2, L, S), gen, p=0.6)
     mask[:, :, 0] = True  # every query keeps one key: the softmax is smooth everywhere
+    assert_mixed(mask)
     return q, k, v, mask
 
 

@@ -12,7 +12,7 @@ import torch
 
 from attnkit.functional import attention
 from attnkit.functional.softmax import NORMALIZERS, get_normalizer, masked_softmax
-from reference import masked_softmax_ref, normalize_ref, random_mask
+from reference import assert_mixed, masked_softmax_ref, normalize_ref, random_mask
 
 F64 = torch.float64
 HALF_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-6, F64: 1e-12}
@@ -32,6 +32,7 @@ def test_matches_oracle_rows_sum_to_one(gen, dtype):
     scores = (torch.randn(2, 3, 6, 9, generator=gen) * 4).to(dtype)
     mask = random_mask((2, 1, 6, 9), gen, p=0.5)
     mask[0, 0, 2] = False  # one fully masked row
+    assert_mixed(mask)
     w = masked_softmax(scores, mask)
     assert w.dtype == dtype and w.shape == scores.shape
     ref = masked_softmax_ref(scores, mask)
@@ -56,6 +57,7 @@ def test_fully_masked_rows_zero_with_finite_gradients(gen, dtype):
     mask = random_mask((2, 4, 5), gen)
     mask[:, 1] = False
     mask[1] = False  # a whole batch element with nothing to attend
+    assert_mixed(mask)
     w = masked_softmax(scores, mask)
     assert bool((w[:, 1] == 0).all()) and bool((w[1] == 0).all())
     assert not bool(w.isnan().any())
@@ -71,6 +73,7 @@ def test_nonfinite_masked_scores_do_not_leak(gen, dtype, bad):
     mask = random_mask((3, 6), gen)
     mask[:, 0] = True
     mask[2] = False
+    assert_mixed(mask)
     clean = masked_softmax(scores, mask)
     dirty_scores = scores.masked_fill(~mask, bad).requires_grad_()
     dirty = masked_softmax(dirty_scores, mask)
@@ -98,6 +101,7 @@ def test_float16_scores_beyond_range_after_scaling(gen, backend):
     scale = 4000.0
     mask = random_mask((4, 6), gen, p=0.7)
     mask[:, 0] = True
+    assert_mixed(mask)
     # float16 rounding of q and k moves scores of size 1e5 by ~50, so the oracle takes the rounded inputs
     s16 = (q.half().double() @ k.half().double().transpose(-1, -2)) * scale
     assert bool(((s16 > 65504) & mask).any())  # allowed scores really beyond float16 after scaling
@@ -116,6 +120,7 @@ def test_normalizers_match_oracle_and_zero_masked(gen, kind, dtype):
     scores = torch.randn(2, 5, 7, generator=gen).to(dtype)
     mask = random_mask((2, 5, 7), gen)
     mask[0, 3] = False
+    assert_mixed(mask)
     dirty = scores.masked_fill(~mask, float("nan"))  # masked NaN must not leak
     w = get_normalizer(kind)(dirty, mask)
     assert w.dtype == dtype and not bool(w.isnan().any())
@@ -170,6 +175,7 @@ def test_extreme_inputs_stay_finite_and_convex(gen, backend, dtype):
     v = torch.randn(2, 2, 7, 3, generator=gen).to(dtype)
     mask = random_mask((5, 7), gen, p=0.6)
     mask[:, 0] = True
+    assert_mixed(mask)
     out = attention(q, k, v, mask=mask, score="dot", backend=backend)
     assert bool(out.isfinite().all())
     allowed = mask[None, None, :, :, None]  # (1, 1, L, S, 1)
