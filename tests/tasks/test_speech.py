@@ -95,6 +95,22 @@ def test_band_attention_equals_window_and_padding_mask_oracle(gen, left, right, 
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+def test_band_attention_gradients_match_oracle(gen):
+    q, k, v = (torch.randn(2, 2, 23, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lengths = torch.tensor([23, 9])
+    w = torch.randn(2, 2, 23, 4, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((band_attention(q, k, v, left=3, right=2, lengths=lengths, block=4) * w).sum(),
+                              (q, k, v))
+    mask = (window_ref(23, 23, 3, 2)[None] & padding_ref(lengths, 23, 23))[:, None]  # (B, 1, L, S)
+    # differentiable float64 reference: softmax over the allowed keys only, written out
+    scores = q @ k.transpose(-1, -2) / 2.0  # (B, H, L, S), sqrt(D) = 2
+    e = torch.exp(scores - scores.max(-1, keepdim=True).values) * mask
+    ref = (e / e.sum(-1, keepdim=True)) @ v  # every row here has at least one allowed key
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=0)
+
+
 def test_truncated_model_is_local_through_gradients():
     """With 1 layer and window 2, the output at frame 10 depends on input frames 8..12 only."""
     torch.manual_seed(0)

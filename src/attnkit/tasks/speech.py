@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="use only the first N train and N test files (0 = all)")
     p.add_argument("--quick", action="store_true", help="tiny run for CI: 60 files, 1 epoch, small model")
+    p.add_argument("--measure-only", action="store_true",
+                   help="skip training: load model-*.safetensors from --out, score and measure them")
     p.set_defaults(func=run)
 
 
@@ -97,14 +99,25 @@ def run(args: argparse.Namespace) -> int:
 
     variants = [("full", 0)] if (args.full or args.window == 0) else [("truncated", args.window), ("full", 0)]
     results: dict[str, dict] = {}
+    models = {}
     for name, window in variants:
         torch.manual_seed(args.seed)  # same initial weights and batch order for both variants
         model = SpeechTransformer(config.n_mels, embed_dim=args.embed_dim, num_heads=args.heads,
                                   num_layers=args.layers, ff_dim=2 * args.embed_dim, dropout=args.dropout,
                                   window=window, impl=args.impl)
-        results[name] = _train_and_measure(model, train, test, mean, std, args, label=name)
+        weights = out / f"model-{name}.safetensors"
+        if args.measure_only:
+            _load_weights(model, weights)
+            results[name] = {"test_accuracy": evaluate(model, test, mean, std, args.batch_size),
+                             "parameters": sum(p.numel() for p in model.parameters()), "trained_in_this_run": False}
+        else:
+            results[name] = _train(model, train, test, mean, std, args, label=name)
+            _save_weights(model, weights)
         results[name]["window"] = window
+        models[name] = model
         log.info("%s: test accuracy %.4f", name, results[name]["test_accuracy"])
+    for name, cost in measure(models, test, mean, std, args).items():
+        results[name].update(cost)
 
     lengths = [f.shape[0] for f in test.feats]
     metrics = {
@@ -112,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         "features": vars(config) if hasattr(config, "__dict__") else {}, "impl": args.impl,
         "model": {"embed_dim": args.embed_dim, "heads": args.heads, "layers": args.layers},
         "train_files": len(train), "test_files": len(test), "epochs": args.epochs, "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
         "test_frames": {"min": min(lengths), "median": sorted(lengths)[len(lengths) // 2], "max": max(lengths)},
         "results": results,
     }
@@ -121,11 +135,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_and_measure(model, train, test, mean, std, args, *, label: str) -> dict:
+def _train(model, train, test, mean, std, args, *, label: str) -> dict:
     from tqdm import tqdm
 
     from attnkit.tasks import speech_data as sd
-    from attnkit.tasks.speech_measure import peak_memory, time_call
 
     gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -150,37 +163,80 @@ def _train_and_measure(model, train, test, mean, std, args, *, label: str) -> di
         acc = evaluate(model, test, mean, std, args.batch_size)
         curve.append(acc)
         bar.set_postfix(loss=f"{total / len(train):.3f}", test_acc=f"{acc:.3f}")
-    train_s = time.perf_counter() - t0
+    return {"test_accuracy": curve[-1] if curve else float("nan"), "accuracy_per_epoch": curve,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_seconds": time.perf_counter() - t0, "trained_in_this_run": True}
 
-    # cost per batch on the test recordings in a seeded random order (not length-sorted), each padded to its longest
+
+def measure(models: dict, test, mean, std, args) -> dict[str, dict]:
+    """Time and peak tensor memory per batch of every model on the test recordings.
+
+    Batches: the test set in a seeded random order (not length-sorted), each padded to its longest recording.
+    Timing takes turns model by model on every batch, repeated, median per batch, so a burst of load from
+    other processes falls on all models alike; the figure is the mean over batches of those medians.
+    """
+    import statistics
+
+    from attnkit.tasks import speech_data as sd
+    from attnkit.tasks.speech_measure import peak_memory
+
     order = sd.batches(len(test), args.batch_size, torch.Generator().manual_seed(1234))
-    test_batches = [sd.collate([test.feats[i] for i in idx], mean, std) for idx in order]
-    test_batches = test_batches[:2] if args.quick else test_batches
-    repeats = 1 if args.quick else 3
-    model.eval()
-    with torch.no_grad():
-        fwd_s = time_call(lambda: [model(x, n) for x, n in test_batches], repeats=repeats) / len(test_batches)
-        fwd_mem = [peak_memory(lambda x=x, n=n: model(x, n)) for x, n in test_batches]
-    model.train()
+    batches = [sd.collate([test.feats[i] for i in idx], mean, std) for idx in order]
+    batches = batches[:2] if args.quick else batches
+    repeats = 1 if args.quick else 5
 
-    def step(x, n):
+    def forward(model, x, n):
+        model.eval()
+        with torch.no_grad():
+            return model(x, n)
+
+    def train_step(model, x, n):
+        model.train()
         model.zero_grad(set_to_none=True)
         model(x, n).sum().backward()
 
-    step_s = time_call(lambda: [step(x, n) for x, n in test_batches], repeats=1) / len(test_batches)
-    step_mem = [peak_memory(lambda x=x, n=n: step(x, n)) for x, n in test_batches]
-    model.zero_grad(set_to_none=True)
-    longest = max(test_batches, key=lambda b: b[0].shape[1])
-    return {
-        "test_accuracy": curve[-1] if curve else float("nan"), "accuracy_per_epoch": curve,
-        "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": train_s,
-        "forward_ms_per_batch": 1e3 * fwd_s, "forward_peak_mib_per_batch_mean": _mib(sum(fwd_mem) / len(fwd_mem)),
-        "forward_peak_mib_per_batch_max": _mib(max(fwd_mem)),
-        "train_step_ms_per_batch": 1e3 * step_s,
-        "train_step_peak_mib_per_batch_mean": _mib(sum(step_mem) / len(step_mem)),
-        "train_step_peak_mib_per_batch_max": _mib(max(step_mem)),
-        "measured_batches": len(test_batches), "longest_batch_frames": int(longest[0].shape[1]),
-    }
+    out = {}
+    for kind, fn in (("forward", forward), ("train_step", train_step)):
+        for model in models.values():  # warm-up
+            fn(model, *batches[0])
+        times = {name: [[] for _ in batches] for name in models}
+        for _ in range(repeats):
+            for b, (x, n) in enumerate(batches):
+                for name, model in models.items():
+                    t0 = time.perf_counter()
+                    fn(model, x, n)
+                    times[name][b].append(time.perf_counter() - t0)
+        for name, model in models.items():
+            mem = [peak_memory(lambda m=model, x=x, n=n, f=fn: f(m, x, n)) for x, n in batches]
+            res = out.setdefault(name, {})
+            res[f"{kind}_ms_per_batch"] = 1e3 * statistics.fmean(statistics.median(t) for t in times[name])
+            res[f"{kind}_peak_mib_per_batch_mean"] = _mib(statistics.fmean(mem))
+            res[f"{kind}_peak_mib_per_batch_max"] = _mib(max(mem))
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    frames = [int(x.shape[1]) for x, _ in batches]
+    for res in out.values():
+        res.update(measured_batches=len(batches), batch_frames_mean=statistics.fmean(frames),
+                   batch_frames_max=max(frames), timing_repeats=repeats)
+    return out
+
+
+def _save_weights(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_weights(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ValueError(f"--measure-only needs the weights {str(path)!r} from an earlier run with the same --out")
+    model.load_state_dict(load_file(str(path)))
 
 
 def _mib(nbytes: float) -> float:
@@ -220,11 +276,12 @@ def _plot(results: dict, out: Path, window: int) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, r in results.items():
-        axes[0].plot(range(1, len(r["accuracy_per_epoch"]) + 1), r["accuracy_per_epoch"], label=name)
+        curve = r.get("accuracy_per_epoch", [])
+        axes[0].plot(range(1, len(curve) + 1), curve, label=name)
     axes[0].set(xlabel="epoch", ylabel="test accuracy", title="FSDD official test split")
     axes[0].legend()
     names = list(results)
-    for ax, key, title in ((axes[1], "forward_ms_per_batch", "forward ms / batch"),
+    for ax, key, title in ((axes[1], "train_step_ms_per_batch", "train step ms / batch"),
                            (axes[2], "train_step_peak_mib_per_batch_mean", "train step peak MiB / batch")):
         ax.bar(names, [results[n][key] for n in names], color=["C0", "C1"][: len(names)])
         ax.set_title(title)

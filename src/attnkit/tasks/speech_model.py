@@ -24,7 +24,7 @@ from attnkit.functional.positional import sinusoidal_table
 
 
 def band_attention(q: Tensor, k: Tensor, v: Tensor, *, left: int, right: int, lengths: Tensor | None = None,
-                   block: int | None = None) -> Tensor:
+                   block: int | None = None, backend: str = "auto") -> Tensor:
     """Self-attention restricted to the band ``i - left <= j <= i + right`` (and ``j < lengths``), by blocks.
 
     Equals ``attention(q, k, v, mask=masks.window(left, right) & masks.padding(lengths))``, but each block of
@@ -38,7 +38,11 @@ def band_attention(q: Tensor, k: Tensor, v: Tensor, *, left: int, right: int, le
     b = max(2 * (left + right), 16) if block is None else block
     if b < 1:
         raise ValueError(f"block must be >= 1; got {b}")
-    out = q.new_empty(B, H, L, v.shape[-1])  # (B, H, L, Dv), filled block by block
+    # Block outputs land in (B, L, H, Dv) order, so merging the heads afterwards is a free view. Under autograd
+    # they are concatenated (cheap backward); otherwise written into one buffer.
+    track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    pieces = []
+    out = None if track else q.new_empty(B, L, H, v.shape[-1])  # (B, L, H, Dv)
     for start in range(0, L, b):
         stop = min(start + b, L)
         k0, k1 = max(start - left, 0), min(stop + right, L)  # keys any query of the block may see
@@ -47,9 +51,14 @@ def band_attention(q: Tensor, k: Tensor, v: Tensor, *, left: int, right: int, le
         band = (j[None, :] >= i[:, None] - left) & (j[None, :] <= i[:, None] + right)  # (b, kb)
         if lengths is not None:
             band = band[None, None] & (j < lengths.to(q.device)[:, None])[:, None, None, :]  # (B, 1, b, kb)
-        out[:, :, start:stop] = attention(q[:, :, start:stop], k[:, :, k0:k1], v[:, :, k0:k1],
-                                          mask=band)  # (B, H, b, Dv)
-    return out  # (B, H, L, Dv)
+        piece = attention(q[:, :, start:stop], k[:, :, k0:k1], v[:, :, k0:k1], mask=band,
+                          backend=backend).transpose(1, 2)  # (B, b, H, Dv)
+        if track:
+            pieces.append(piece)
+        else:
+            out[:, start:stop] = piece
+    out = torch.cat(pieces, dim=1) if track else out  # (B, L, H, Dv)
+    return out.transpose(1, 2)  # (B, H, L, Dv), a view
 
 
 class SpeechEncoderLayer(nn.Module):

@@ -38,8 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--cnn-width", type=int, default=32, help="CNN channels (first layer; then 2x)")
     p.add_argument("--pos", choices=("learned", "sinusoidal"), default="learned", help="ViT positions")
-    p.add_argument("--epochs", type=float, default=30.0, help="passes over the subset (at least --min-steps)")
-    p.add_argument("--min-steps", type=int, default=150)
+    p.add_argument("--epochs", type=float, default=25.0, help="passes over the subset (at least --min-steps)")
+    p.add_argument("--min-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds)")
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         runs.append({"model": name, "train_size": n, "seed": seed, "steps": steps, "test_accuracy": acc})
         bar.set_postfix(model=name, n=n, acc=f"{acc:.3f}")
 
+    sizes = sorted(set(sizes))
     table = summarize(runs, models, sizes)
     metrics = {
         "task": "vision", "data": "sklearn.datasets.load_digits (8x8), stratified 70/30 split, random_state=0",
