@@ -65,6 +65,7 @@ class Mask:
         """
         bq, bk = _block_sizes(block)
         dense_mask = self.materialize(L, S, device=device)
+        dense_mask = torch.broadcast_to(dense_mask, (*dense_mask.shape[:-2], L, S))  # (..., L, S)
         dense_mask = dense_mask.reshape(-1, L, S).any(0)  # (L, S): union over batch
         return _tile_any(dense_mask, bq, bk)
 

@@ -203,14 +203,25 @@ def _validate_mask(mask: _masks.Mask, scores_shape: tuple[int, ...]) -> None:
 
 
 def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> Tensor | None:
-    """Keys no query may attend, shaped ``(..., S, 1)`` to broadcast against key/value; ``None`` if none can be
-    cheaply known. Only masks that can hide whole keys (padding, dense, their combinations) are inspected."""
+    """Keys no query may attend, shaped ``(..., S, 1)`` to broadcast against key/value; ``None`` if unknown.
+
+    Every mask kind answers in O(S) (or O(E) for graphs, O(L S) for dense tensors) without materializing."""
     if isinstance(mask, _masks.Padding):
         lengths = mask.lengths.to(device)
         if lengths.ndim == 2:
             lengths = lengths.amax(1)  # (B,): a key is used if any query may see it
         unused = torch.arange(S, device=device)[None, :] >= lengths[:, None]  # (B, S)
         return unused.reshape(unused.shape[0], *([1] * (batch_ndim - 1)), S, 1)  # (B, 1.., S, 1)
+    if isinstance(mask, _masks.Window):
+        # keys reachable from some query: [0 + S - L - left, L - 1 + S - L + right]
+        j = torch.arange(S, device=device)
+        lo = S - L - mask.left if mask.left is not None else -S
+        hi = S - 1 + mask.right if mask.right is not None else 2 * S
+        return ((j < lo) | (j > hi) | (L == 0)).unsqueeze(-1)  # (S, 1)
+    if isinstance(mask, _masks.Graph):
+        used = torch.zeros(S, dtype=torch.bool, device=device)
+        used[mask.edge_index[0].to(device)] = True  # a key is used if it is the source of an edge
+        return (~used).unsqueeze(-1)  # (S, 1)
     if isinstance(mask, _masks.Dense):
         t = mask.materialize(L, S, device=device)
         if t.shape[-1] != S:

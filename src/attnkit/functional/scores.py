@@ -151,6 +151,10 @@ def gaussian(query: Tensor, key: Tensor, *, w: float | Tensor = 1.0) -> Tensor:
         query ``(..., L, D)``, key ``(..., S, D)`` -> ``(..., L, S)``.
     """
     _same_dim(query, key, "gaussian")
+    # ||q - k|| does not change when both move by c: centre on the keys' mean so that the expansion below does
+    # not cancel catastrophically for points far from the origin (times, positions around 1000)
+    centre = key.mean(dim=-2, keepdim=True).detach()  # (..., 1, D)
+    query, key = query - centre, key - centre
     # ||q - k||^2 = ||q||^2 + ||k||^2 - 2 q . k   (O(L S) memory instead of O(L S D))
     sq = (query * query).sum(-1).unsqueeze(-1) + (key * key).sum(-1).unsqueeze(-2)  # (..., L, S)
     sq = sq - 2.0 * (query @ key.transpose(-2, -1))  # (..., L, S)
