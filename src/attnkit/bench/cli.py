@@ -1,0 +1,108 @@
+"""``attnkit bench``: time attnkit's kernels against SDPA, the plain math path and other anchors.
+
+    attnkit bench --out runs/bench            # full run (minutes; run it alone on the machine)
+    attnkit bench --quick --out /tmp/b        # small sizes, seconds (what the tests run)
+
+Writes ``bench.json`` (every sample, machine facts, notes), ``bench.txt`` (the table) and ``bench.png``
+(log-log time vs L) to ``--out``, and prints the table. See :mod:`attnkit.bench.timing` for how time and
+memory are measured and :mod:`attnkit.bench.cases` for how the needed work (GFLOP/s) is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="time attnkit's kernels against SDPA and other anchors",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every case")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default 5, quick 3)")
+    p.add_argument("--only", default=None, help="run only cases whose id contains this text")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    p.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention anchor")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from attnkit.bench import cases as _cases
+    from attnkit.bench import report, timing
+
+    if args.threads < 1:
+        print(f"--threads must be >= 1; got {args.threads}", file=sys.stderr)
+        return 2
+    repeats = args.repeats or (3 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    peak = timing.matmul_peak_gflops(args.threads, n=512 if args.quick else 2048)
+    print(f"torch {torch.__version__}, {args.threads} threads, matmul peak {peak:.1f} GFLOP/s", flush=True)
+    notes = []
+    all_cases = _cases.build_cases(args.quick, flex=not args.no_flex)
+    chosen = [c for c in all_cases if args.only is None or args.only in c.id]
+    results = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is in the [tasks] extra; the bench runs without it
+        def tqdm(x, **_):
+            return x
+    t_start = time.perf_counter()
+    for case in tqdm(chosen, desc="bench", unit="case", file=sys.stderr):
+        fns, errors = {}, {}
+        for name, make in case.impls.items():
+            try:
+                fns[name] = make()
+            except Exception as exc:  # an anchor that cannot run here is reported, not fatal
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        timed = timing.interleaved_medians(fns, repeats=repeats) if fns else {}
+        entry = {"id": case.id, "group": case.group, "L": case.L, "mode": case.mode, "backend": case.backend,
+                 "flops": case.flops, "note": case.note, "impls": {}}
+        for name in case.impls:
+            if name in errors:
+                entry["impls"][name] = {"median_s": None, "error": errors[name]}
+                notes.append(f"{case.id}/{name} skipped: {errors[name]}")
+                continue
+            r = dict(timed[name])
+            if case.flops:
+                r["gflops"] = case.flops / r["median_s"] / 1e9
+                r["pct_peak"] = 100.0 * r["gflops"] / peak
+            if name == "flex" and case.id in _cases.COMPILE_TIMES:
+                r["compile_s"] = _cases.COMPILE_TIMES[case.id]
+                r["note"] = f"compile {r['compile_s']:.1f} s (not in the time)"
+            if name in case.memory and not args.no_memory:
+                del fns[name]  # free this process's copy before the child runs
+                mem, why = timing.peak_memory_bytes(case.id, name, quick=args.quick, threads=args.threads)
+                r["peak_mb"] = None if mem is None else mem / 2**20
+                if why:
+                    notes.append(f"{case.id}/{name} memory not measured: {why}")
+            entry["impls"][name] = r
+        results.append(entry)
+        fns.clear()
+        print(report.format_table([entry]).split("\n", 2)[-1], flush=True)
+    payload = {
+        "machine": {"torch": torch.__version__, "threads": args.threads, "matmul_peak_gflops": peak,
+                    "cpu_count": os.cpu_count(), "platform": platform.platform(), "quick": args.quick},
+        "timing": "interleaved round-robin, median of repeats; warm-up call not counted unless it took > 5 s",
+        "memory": "peak RSS of a fresh child process over the call (VmHWM after reset) minus RSS before it",
+        "flops": "work needed: 4*B*H*pairs*D forward (allowed pairs only), x3 for forward+backward",
+        "wall_s": time.perf_counter() - t_start,
+        "notes": notes,
+        "cases": results,
+    }
+    report.write_json(args.out / "bench.json", payload)
+    table = report.format_table(results)
+    report.write_text(args.out / "bench.txt", table + "\n\n" + "\n".join(notes) + "\n")
+    plotted = report.write_plot(args.out / "bench.png", results)
+    print("\n" + table)
+    for n in notes:
+        print("note:", n)
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.txt'}" + (", bench.png" if plotted else ""))
+    return 0

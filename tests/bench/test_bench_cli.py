@@ -1,0 +1,47 @@
+"""`attnkit bench --quick` end to end (a few cases), the timing helpers and the report writers."""
+
+import json
+
+import torch
+
+from attnkit.bench import report, timing
+from attnkit.cli import main
+
+
+def test_quick_bench_writes_json_table_and_plot(tmp_path, capsys):
+    rc = main(["bench", "--quick", "--only", "window32-L1024-fwd+bwd", "--repeats", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    ids = [c["id"] for c in data["cases"]]
+    assert ids == ["window32-L1024-fwd+bwd"]
+    assert data["machine"]["matmul_peak_gflops"] > 0
+    for case in data["cases"]:
+        assert case["impls"]["attnkit"]["median_s"] > 0
+        assert "sdpa" in case["impls"]
+    mem = data["cases"][-1]["impls"]["attnkit"]
+    assert mem.get("peak_mb") is not None or any("memory" in n for n in data["notes"])
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "window32-L1024-fwd+bwd" in (tmp_path / "bench.txt").read_text()
+    assert "median ms" in capsys.readouterr().out
+
+
+def test_interleaved_runs_round_robin_and_takes_median():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    res = timing.interleaved_medians(fns, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then alternating
+    assert res["a"]["n"] == 3 and res["a"]["median_s"] == sorted(res["a"]["times"])[1]
+
+
+def test_rss_sees_a_torch_allocation():
+    before = timing.rss_bytes()
+    x = torch.ones(50 * 2**20 // 4)  # 50 MiB, touched
+    assert timing.rss_bytes() - before > 40 * 2**20
+    del x
+
+
+def test_table_ratios():
+    results = [{"id": "c", "group": "g", "L": 1, "backend": "window", "note": "", "impls": {
+        "attnkit": {"median_s": 0.5, "n": 3}, "sdpa": {"median_s": 2.0, "n": 3}}}]
+    table = report.format_table(results)
+    assert "4.00" in table and "500.00" in table
