@@ -55,9 +55,10 @@ def test_luong_weights_follow_the_formula(score):
     torch.testing.assert_close(attn["weights"], masked_softmax64(e, lens), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["bahdanau", "luong", "transformer"])
-def test_padding_is_ignored(kind):
-    model = make(kind)
+@pytest.mark.parametrize(("kind", "bi"), [("bahdanau", False), ("bahdanau", True), ("luong", True),
+                                         ("transformer", False)])
+def test_padding_is_ignored(kind, bi):
+    model = make(kind, bidirectional=bi)
     src, lens, tgt_in = batch()
     logits, attn = model(src, lens, tgt_in)
     noisy = src.clone()

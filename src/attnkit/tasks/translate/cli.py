@@ -15,7 +15,9 @@ DEFAULT_RUN = "runs/translate"
 
 # Defaults by (data kind, model); any option given on the command line wins.
 PRESETS = {
-    ("embedded", "rnn"): dict(embed_dim=32, hidden=64, num_layers=1, dropout=0.1, epochs=30, batch_size=32,
+    # 4 epochs: exact match ~100 % from epoch 3; training longer keeps exact match but the attention drifts
+    # (the month gets read from the last annotation of the one-way encoder), see the package README notes
+    ("embedded", "rnn"): dict(embed_dim=32, hidden=64, num_layers=1, dropout=0.1, epochs=4, batch_size=32,
                               lr=5e-3),
     ("embedded", "transformer"): dict(hidden=64, num_heads=4, ff_dim=128, num_layers=2, dropout=0.1,
                                       epochs=40, batch_size=32, lr=1e-3),
@@ -31,6 +33,7 @@ OPTIONS = {
     "clip": float, "label_smoothing": float, "seed": int, "split_seed": int, "valid_frac": float,
     "test_frac": float, "min_freq": int, "max_len": int, "max_minutes": float,
 }
+FLAGS = ("bidirectional",)  # store_true options that map to TrainConfig fields
 
 
 def register(subparsers) -> None:
@@ -49,6 +52,8 @@ def register(subparsers) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--beam", type=int, default=1, help="beam size for the final evaluation (1 = greedy)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--bidirectional", action="store_true", default=None,
+                   help="GRU models: read the source in both directions (Bahdanau et al.)")
     t.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: 1 for the embedded task, whose small matrices run faster on "
                         "one thread; torch's default otherwise)")
@@ -100,7 +105,7 @@ def build_config(args):
     kind = "embedded" if args.data == EMBEDDED else "file"
     preset = PRESETS[(kind, "transformer" if args.model == "transformer" else "rnn")]
     values = {"data": args.data, "model": args.model, **preset}
-    values.update({k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None})
+    values.update({k: getattr(args, k) for k in (*OPTIONS, *FLAGS) if getattr(args, k, None) is not None})
     return TrainConfig.from_dict(values)
 
 

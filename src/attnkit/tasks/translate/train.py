@@ -38,6 +38,7 @@ class TrainConfig:
     max_pairs: int | None = None  # keep the first N pairs of a data file
     model: str = "bahdanau"  # bahdanau | luong | transformer
     score: str = "general"  # luong only: dot | general
+    bidirectional: bool = False  # GRU models: read the source in both directions (Bahdanau et al.)
     embed_dim: int = 32
     hidden: int = 64
     num_layers: int = 1
@@ -79,7 +80,8 @@ def model_config(cfg: TrainConfig, src_vocab: Vocab, tgt_vocab: Vocab) -> dict:
     return {"kind": cfg.model, "src_vocab": len(src_vocab), "tgt_vocab": len(tgt_vocab),
             "embed_dim": cfg.embed_dim, "hidden": cfg.hidden, "num_layers": cfg.num_layers,
             "dropout": cfg.dropout, "num_heads": cfg.num_heads, "ff_dim": cfg.ff_dim,
-            "max_len": max(256, cfg.max_len + 2), "score": cfg.score}
+            "max_len": max(256, cfg.max_len + 2), "score": cfg.score,
+            "bidirectional": cfg.bidirectional}
 
 
 def collate(items: list[tuple[list[int], list[int]]], bos: int, eos: int, pad: int = 0):

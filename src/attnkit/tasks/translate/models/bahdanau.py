@@ -32,9 +32,9 @@ class BahdanauSeq2Seq(Seq2Seq):
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, embed_dim: int, hidden: int, num_layers: int,
-                 dropout: float):
+                 dropout: float, bidirectional: bool = False):
         super().__init__()
-        self.encoder = GRUEncoder(src_vocab, embed_dim, hidden, num_layers, dropout)
+        self.encoder = GRUEncoder(src_vocab, embed_dim, hidden, num_layers, dropout, bidirectional)
         self.embedding = nn.Embedding(tgt_vocab, embed_dim, padding_idx=0)
         self.attention = AdditiveAttention(hidden, hidden, hidden, dropout)
         self.rnn = nn.GRU(embed_dim + hidden, hidden, num_layers, batch_first=True,

@@ -37,6 +37,8 @@ def build_model(config: dict) -> Seq2Seq:
     if missing:
         raise ValueError(f"model config for {kind!r} misses {missing}; got keys {sorted(config)}")
     args = {k: config[k] for k in keys}
+    if kind != "transformer":
+        args["bidirectional"] = bool(config.get("bidirectional", False))
     if kind == "bahdanau":
         from attnkit.tasks.translate.models.bahdanau import BahdanauSeq2Seq
 

@@ -38,12 +38,12 @@ class LuongSeq2Seq(Seq2Seq):
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, embed_dim: int, hidden: int, num_layers: int,
-                 dropout: float, score: str = "general"):
+                 dropout: float, score: str = "general", bidirectional: bool = False):
         super().__init__()
         if score not in LUONG_SCORES:
             raise ValueError(f"score must be one of {LUONG_SCORES}, got {score!r}")
         self.score_name = score
-        self.encoder = GRUEncoder(src_vocab, embed_dim, hidden, num_layers, dropout)
+        self.encoder = GRUEncoder(src_vocab, embed_dim, hidden, num_layers, dropout, bidirectional)
         self.embedding = nn.Embedding(tgt_vocab, embed_dim, padding_idx=0)
         self.rnn = nn.GRU(embed_dim, hidden, num_layers, batch_first=True,
                           dropout=dropout if num_layers > 1 else 0.0)
