@@ -301,16 +301,17 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "graph",
         help="graph attention (GAT) on Cora or the karate club",
-        description=__doc__.split("\n\n")[0],
+        description="Graph attention (GAT) node classification: Zachary's karate club with no arguments, or a "
+        "Planetoid data set (Cora, CiteSeer, PubMed) from --data DIR --dataset NAME in the paper's setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", default=None, help="folder with Planetoid files ind.<dataset>.*; omit for karate club")
     p.add_argument("--dataset", default="cora", help="Planetoid data set name (file prefix ind.<dataset>.)")
-    p.add_argument("--seeds", type=int, default=1, help="number of runs (seeds 0 .. N-1 plus --seed)")
+    p.add_argument("--seeds", type=int, default=1, help="number of runs, seeds --seed .. --seed + N - 1")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--out", default="runs/graph", help="run directory (metrics.json and a picture)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="max epochs (default: 100000 with early stopping for Planetoid, 200 for karate)")
+                   help="max epochs; if omitted 100000 with early stopping for Planetoid, 200 for karate")
     p.add_argument("--patience", type=int, default=100, help="early-stopping patience on validation")
     p.add_argument("--hidden", type=int, default=8, help="features per head in layer 1")
     p.add_argument("--heads", type=int, default=8, help="heads in layer 1")
@@ -319,7 +320,7 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--labels-per-class", type=int, default=2, help="karate club: labelled members per club")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (omitted: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
