@@ -20,7 +20,7 @@ PRESETS = {
     ("embedded", "rnn"): dict(embed_dim=32, hidden=64, num_layers=1, dropout=0.1, epochs=4, batch_size=32,
                               lr=5e-3),
     ("embedded", "transformer"): dict(hidden=64, num_heads=4, ff_dim=128, num_layers=2, dropout=0.1,
-                                      epochs=40, batch_size=32, lr=1e-3),
+                                      epochs=10, batch_size=32, lr=1e-3),
     ("file", "rnn"): dict(embed_dim=256, hidden=256, num_layers=2, dropout=0.2, epochs=10, batch_size=64,
                           lr=5e-3, min_freq=2),
     ("file", "transformer"): dict(hidden=128, num_heads=4, ff_dim=512, num_layers=2, dropout=0.1, epochs=10,
