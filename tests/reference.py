@@ -92,7 +92,7 @@ def masked_softmax_ref(scores: Tensor, mask: Tensor | None = None) -> Tensor:
     """Softmax over the last dim restricted to allowed entries, one row at a time; empty rows are all zero."""
     s = scores.to(F64)
     m = torch.ones_like(s, dtype=torch.bool) if mask is None else mask.expand(s.shape)
-    out = torch.zeros_like(s)
+    out = torch.zeros(s.shape, dtype=F64)  # fresh and contiguous, whatever the strides of ``scores``
     flat_s, flat_m, flat_o = _rows(s), _rows(m), out.view(-1, s.shape[-1])
     for r in range(flat_s.shape[0]):
         allowed = flat_m[r].nonzero().flatten().tolist()

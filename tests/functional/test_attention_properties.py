@@ -18,6 +18,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import attnkit.functional as F
+import reference as R
 from attnkit import masks
 from attnkit.functional import attention
 from reference import attention_ref, causal_ref, padding_ref, random_mask, window_ref
@@ -198,3 +200,47 @@ def test_causality_through_gradients(p):
             seen = allowed[..., i, :].unsqueeze(-1).expand(gv.shape)
             reached_any |= bool((gv[seen] != 0).any())
     assert reached_any or not bool(allowed.any())
+
+
+SCORES = ["dot", "scaled_dot", "general", "additive", "concat_linear", "concat_tanh", "gaussian"]
+
+
+def _score_pair(name: str, Dq: int, Dk: int, g: torch.Generator, dtype):
+    """(attnkit score callable, oracle score callable) with the same random parameters."""
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)  # noqa: E731
+    if name in ("dot", "scaled_dot", "gaussian"):
+        lib = {"dot": F.dot, "scaled_dot": F.scaled_dot, "gaussian": lambda q, k: F.gaussian(q, k, w=0.7)}[name]
+        ref = {"dot": R.dot_ref, "scaled_dot": R.scaled_dot_ref, "gaussian": lambda q, k: R.gaussian_ref(q, k, w=0.7)}
+        return lib, ref[name]
+    if name == "general":
+        W = r(Dq, Dk) / Dq**0.5
+        return (lambda q, k: F.general(q, k, W.to(dtype))), (lambda q, k: R.general_ref(q, k, W))
+    if name == "additive":
+        wq, wk, wv = r(6, Dq), r(6, Dk), r(6)
+        return (lambda q, k: F.additive(q, k, wq.to(dtype), wk.to(dtype), wv.to(dtype))), (
+            lambda q, k: R.additive_ref(q, k, wq, wk, wv))
+    if name == "concat_linear":
+        w = r(Dq + Dk)
+        return (lambda q, k: F.concat(q, k, w.to(dtype))), (lambda q, k: R.concat_ref(q, k, w))
+    W, v = r(5, Dq + Dk), r(5)
+    return (lambda q, k: F.concat(q, k, W.to(dtype), v.to(dtype))), (lambda q, k: R.concat_ref(q, k, W, v))
+
+
+@given(problems(dtypes=[F64, torch.float32]), st.sampled_from(SCORES),
+       st.sampled_from(["softmax", "none", "relu", "sigmoid"]), st.sampled_from(["auto", "math", "chunked"]),
+       st.sampled_from([None, 0.5]), st.booleans())
+def test_every_score_and_normalizer_matches_oracle(p, score_name, normalize, backend, scale, with_bias):
+    q, k, v, mask, dense = make(p)
+    if score_name not in ("dot", "scaled_dot", "gaussian"):  # key features of another size where allowed
+        k = torch.randn(*k.shape[:-1], p.D + 2, generator=torch.Generator().manual_seed(p.seed + 5)).to(p.dtype)
+    lib, ref = _score_pair(score_name, q.shape[-1], k.shape[-1], torch.Generator().manual_seed(p.seed + 6), p.dtype)
+    bias = torch.randn(p.H, p.L, p.S, generator=torch.Generator().manual_seed(p.seed + 7), dtype=p.dtype) \
+        if with_bias else None
+    if backend == "chunked" and normalize != "softmax":
+        backend = "math"  # the online softmax serves softmax only (refused with a reason otherwise)
+    out, w = attention(q, k, v, score=lib, mask=mask, bias=bias, normalize=normalize, scale=scale,
+                       backend=backend, return_weights=True)
+    ref_out, ref_w = attention_ref(q, k, v, score=ref, mask=dense, bias=bias, normalize=normalize, scale=scale)
+    tol = 1e-9 if p.dtype == F64 else 2e-4
+    torch.testing.assert_close(w.double(), ref_w, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)

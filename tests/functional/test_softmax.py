@@ -51,6 +51,18 @@ def test_no_mask_equals_torch_softmax(gen):
     torch.testing.assert_close(masked_softmax(s, None, dim=-2), torch.softmax(s, -2))
 
 
+def test_other_dim_and_non_contiguous_scores(gen):
+    scores = torch.randn(2, 7, 5, generator=gen, dtype=F64).transpose(-1, -2)  # (2, 5, 7), non-contiguous
+    mask = random_mask((2, 5, 7), gen)
+    mask[:, :, 3] = False  # a column with nothing allowed: an empty "row" along dim -2
+    assert_mixed(mask)
+    torch.testing.assert_close(masked_softmax(scores, mask), masked_softmax_ref(scores, mask))
+    along_queries = masked_softmax(scores, mask, dim=-2)
+    expect = masked_softmax_ref(scores.transpose(-1, -2), mask.transpose(-1, -2)).transpose(-1, -2)
+    torch.testing.assert_close(along_queries, expect)
+    assert bool((along_queries[:, :, 3] == 0).all())
+
+
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16, torch.bfloat16])
 def test_fully_masked_rows_zero_with_finite_gradients(gen, dtype):
     scores = torch.randn(2, 4, 5, generator=gen).to(dtype).requires_grad_()
