@@ -52,8 +52,14 @@ def test_eval_and_resume(run_dir, tmp_path, capsys):
     assert printed["exact_match"] == saved["exact_match"]
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    assert main(["translate", "train", "--out", str(copy), "--epochs", "3", "--hidden", "48"]) == 1
-    assert "already holds a run" in capsys.readouterr().err
+    assert main(["translate", "train", "--out", str(copy), "--epochs", "3", "--hidden", "32"]) == 1
+    assert "already holds another or an unfinished run" in capsys.readouterr().err
+    # the same command again (`make demo` twice) evaluates the finished run instead of failing
+    again = ["translate", "train", "--out", str(copy), "--epochs", "3", "--hidden", "48", "--embed-dim", "24",
+             "--no-progress"]
+    assert main(again) == 0
+    assert "already holds this finished run" in capsys.readouterr().out
+    assert json.loads((copy / "metrics.json").read_text())["exact_match"] == saved["exact_match"]
     assert main(["translate", "train", "--out", str(copy), "--resume", "--epochs", "4", "--no-progress"]) == 0
     assert json.loads((copy / "metrics.json").read_text())["epochs"] == 4
 

@@ -50,6 +50,7 @@ def register(subparsers) -> None:
     t.add_argument("--model", default="bahdanau", choices=("bahdanau", "luong", "transformer"))
     t.add_argument("--out", default=DEFAULT_RUN, help=f"run directory (default {DEFAULT_RUN})")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
     t.add_argument("--beam", type=int, default=1, help="beam size for the final evaluation (1 = greedy)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--bidirectional", action="store_true", default=None,
@@ -150,17 +151,29 @@ def cmd_train(args) -> int:
             return _fail(f"--threads must be >= 1, got {threads}", 2)
         torch.set_num_threads(threads)
     out = Path(args.out)
-    if args.resume:
-        if args.epochs is None:
-            from attnkit.tasks.translate.checkpoint import load_checkpoint
+    if args.resume and args.overwrite:
+        return _fail("--resume and --overwrite exclude each other", 2)
+    from attnkit.tasks.translate.checkpoint import load_checkpoint
 
-            meta, _ = load_checkpoint(out)
-            cfg = dataclasses.replace(cfg, epochs=meta["train"]["epochs"])
-    elif (out / "checkpoint.json").exists():
-        return _fail(f"{out}: already holds a run; continue it with --resume or choose another --out")
+    again = False  # a finished run with this very config: evaluate it again instead of refusing
+    if args.resume and args.epochs is None:
+        meta, _ = load_checkpoint(out)
+        cfg = dataclasses.replace(cfg, epochs=meta["train"]["epochs"])
+    elif not args.resume and (out / "checkpoint.json").exists() and not args.overwrite:
+        meta, _ = load_checkpoint(out)
+        if meta.get("status") != "done" or meta.get("train") != dataclasses.asdict(cfg):
+            return _fail(f"{out}: already holds another or an unfinished run; continue it with --resume, "
+                         "start over with --overwrite, or choose another --out")
+        again = args.resume = True
+    elif args.overwrite:
+        for name in ("checkpoint.json", "weights.safetensors"):
+            (out / name).unlink(missing_ok=True)
     what = f"{cfg.model} on {'the embedded date task' if cfg.data == 'embedded' else cfg.data}"
-    print(f"training {what} -> {out} ({'resuming' if args.resume else f'{cfg.epochs} epochs'}, Ctrl-C saves "
-          "and stops)", flush=True)
+    if again:
+        print(f"{out} already holds this finished run: evaluating it again (--overwrite retrains)")
+    else:
+        print(f"training {what} -> {out} ({'resuming' if args.resume else f'{cfg.epochs} epochs'}, Ctrl-C "
+              "saves and stops)", flush=True)
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     hist = result["history"]
     if hist:
