@@ -244,8 +244,18 @@ def test_two_and_three_dim_inputs(gen, backend):
     torch.testing.assert_close(attention(q, k, v, mask=m, backend=backend), attention_ref(q, k, v, mask=m)[0])
     q3, k3, v3 = (torch.randn(2, n, 4, generator=gen, dtype=F64) for n in (5, 7, 7))
     lengths = torch.tensor([3, 7])
-    out = attention(q3, k3, v3, mask=masks.padding(lengths), backend=backend)
-    torch.testing.assert_close(out, attention_ref(q3, k3, v3, mask=padding_ref(lengths, 5, 7))[0])
+    per_query = torch.randint(0, 8, (2, 5), generator=gen)
+    cases = [
+        (masks.padding(lengths), padding_ref(lengths, 5, 7)),  # (B, L, S) masks align with the batch dim
+        (masks.padding(lengths) & masks.causal(), padding_ref(lengths, 5, 7) & causal_ref(5, 7)),
+        (masks.padding(per_query) | masks.window(0, 0), padding_ref(per_query, 5, 7) | window_ref(5, 7, 0, 0)),
+    ]
+    for mask, dense in cases:
+        out, w = attention(q3, k3, v3, mask=mask, backend=backend, return_weights=True)
+        ref_out, ref_w = attention_ref(q3, k3, v3, mask=dense)
+        assert out.shape == (2, 5, 4) and w.shape == (2, 5, 7)
+        torch.testing.assert_close(w, ref_w)
+        torch.testing.assert_close(out, ref_out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
