@@ -284,9 +284,18 @@ def test_non_contiguous_inputs(gen, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_queries(gen, backend):
-    q, k, v = _qkv(gen, L=0, S=5)
-    assert attention(q, k, v, backend=backend).shape == (2, 3, 0, 6)
+@pytest.mark.parametrize("kind", ["none", "causal", "window", "padding", "padding_per_query", "graph"])
+def test_empty_queries(gen, backend, kind):
+    S = 0 if kind == "graph" else 5  # a graph of 0 nodes has no keys either
+    q, k, v = _qkv(gen, L=0, S=S)
+    mask = {
+        "none": None, "causal": masks.causal(), "window": masks.window(1, 1),
+        "padding": masks.padding(torch.tensor([2, 5])),
+        "padding_per_query": masks.padding(torch.zeros(2, 0, dtype=torch.long)),  # (B, L) with L = 0
+        "graph": masks.graph(torch.zeros(2, 0, dtype=torch.long), num_nodes=0),
+    }[kind]
+    out, w = attention(q, k, v, mask=mask, backend=backend, return_weights=True)
+    assert out.shape == (2, 3, 0, 6) and w.shape == (2, 3, 0, S)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
