@@ -96,7 +96,8 @@ def close(actual, expected, dtype):
 def test_matches_oracle_weights_sum_to_one(p):
     q, k, v, mask, dense = make(p)
     out, w = attention(q, k, v, mask=mask, backend=p.backend, return_weights=True)
-    assert out.dtype == p.dtype and out.shape == (p.B, p.H, p.L, p.Dv) and w.shape == (p.B, p.H, p.L, p.S)
+    assert out.dtype == w.dtype == p.dtype
+    assert out.shape == (p.B, p.H, p.L, p.Dv) and w.shape == (p.B, p.H, p.L, p.S)
     assert not bool(out.isnan().any()) and not bool(w.isnan().any())
     ref_out, ref_w = attention_ref(q, k, v, mask=dense)
     close(w, ref_w, p.dtype)
