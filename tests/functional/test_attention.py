@@ -115,15 +115,16 @@ def test_bias_matches_oracle(gen, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_vs_torch_sdpa_float32(gen, backend, with_bias):
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_vs_torch_sdpa_float32(gen, backend, with_bias, scale):
     q, k, v = _qkv(gen, L=9, S=13, D=8, Dv=8, dtype=torch.float32)
     mask = random_mask((2, 3, 9, 13), gen)
     mask[..., 0] = True  # every row keeps a key (SDPA's own result for empty rows is not the point here)
     assert_mixed(mask)
     bias = torch.randn(1, 3, 9, 13, generator=gen) if with_bias else None
-    out = attention(q, k, v, mask=mask, bias=bias, backend=backend)
+    out = attention(q, k, v, mask=mask, bias=bias, scale=scale, backend=backend)
     sdpa_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
-    expect = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)
+    expect = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=scale)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
