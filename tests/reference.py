@@ -143,11 +143,11 @@ def attention_ref(
     """out = normalize(score(Q, K) * scale + bias, mask) @ V, in float64. Returns ``(out, weights)``.
 
     ``score`` is one of the ``*_ref`` functions above (default :func:`scaled_dot_ref`, where ``scale`` replaces
-    ``1/sqrt(d)``; any other score is multiplied by ``scale``). Key/value heads (dim -3) that divide the query's
-    are repeated (grouped-query attention). ``mask`` is a dense boolean tensor broadcastable to the scores.
+    ``1/sqrt(d)``; any other score is multiplied by ``scale``). For 4-D inputs, key/value heads (dim -3) that divide
+    the query's are repeated (grouped-query attention). ``mask`` is a dense boolean tensor broadcastable to the scores.
     """
     q, k, v = query.to(F64), key.to(F64), value.to(F64)
-    if q.ndim >= 3 and k.shape[-3] != q.shape[-3] and k.shape[-3] != 1:
+    if q.ndim >= 4 and k.shape[-3] != q.shape[-3] and k.shape[-3] != 1:  # heads layout (B, H, L, D) only
         k, v = repeat_kv_heads(k, q.shape[-3]), repeat_kv_heads(v, q.shape[-3])
     if score is None or score is scaled_dot_ref:
         scores = scaled_dot_ref(q, k, scale)
