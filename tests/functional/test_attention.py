@@ -372,3 +372,21 @@ def test_auto_at_sizes_where_fast_kernels_take_over(gen, mask_kind):
     }[mask_kind]
     out = attention(q, k, v, mask=mask)
     torch.testing.assert_close(out, attention(q, k, v, mask=mask, backend="math"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_gradcheck_non_contiguous_packed_qkv(gen, backend):
+    """q, k, v as strided views of one packed (B, T, 3 * H * D) tensor, transposed to (B, H, T, D)."""
+    from torch.autograd import gradcheck
+
+    packed = torch.randn(2, 4, 3 * 2 * 3, generator=gen, dtype=F64).requires_grad_()
+    mask = random_mask((4, 4), gen, p=0.6)
+    mask[:, 0] = True
+    assert_mixed(mask)
+
+    def fn(packed):
+        q, k, v = (t.view(2, 4, 2, 3).transpose(1, 2) for t in packed.chunk(3, dim=-1))  # (B, H, T, D) views
+        assert not q.is_contiguous()
+        return attention(q, k, v, mask=mask, backend=backend)
+
+    assert gradcheck(fn, (packed,))
