@@ -277,14 +277,18 @@ def _plot(results: dict, out: Path, window: int) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name, r in results.items():
         curve = r.get("accuracy_per_epoch", [])
-        axes[0].plot(range(1, len(curve) + 1), curve, label=name)
+        axes[0].plot(range(1, len(curve) + 1), curve, marker=".", label=name)
     axes[0].set(xlabel="epoch", ylabel="test accuracy", title="FSDD official test split")
     axes[0].legend()
     names = list(results)
-    for ax, key, title in ((axes[1], "train_step_ms_per_batch", "train step ms / batch"),
-                           (axes[2], "train_step_peak_mib_per_batch_mean", "train step peak MiB / batch")):
-        ax.bar(names, [results[n][key] for n in names], color=["C0", "C1"][: len(names)])
+    for ax, unit, title in ((axes[1], "ms_per_batch", "time per batch (ms)"),
+                            (axes[2], "peak_mib_per_batch_mean", "peak tensor memory per batch (MiB)")):
+        for i, kind in enumerate(("forward", "train_step")):
+            xs = [j + 0.4 * i for j in range(len(names))]
+            ax.bar(xs, [results[n][f"{kind}_{unit}"] for n in names], width=0.4, label=kind.replace("_", " "))
+        ax.set_xticks([j + 0.2 for j in range(len(names))], names)
         ax.set_title(title)
+        ax.legend()
     fig.tight_layout()
     _save(fig, out / "speech.png")
     plt.close(fig)
