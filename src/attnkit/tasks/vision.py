@@ -196,8 +196,15 @@ def _plot(table: dict, models: list[str], sizes: list[int], out: Path, *, grid: 
     axes[0].imshow(mask.numpy(), cmap="Greys", interpolation="nearest")
     axes[0].set(title=f"local attention mask ({k}x{k} patches, token 0 = class)", xlabel="key token",
                 ylabel="query token")
-    axes[1].imshow(mask[1 + centre, 1:].reshape(grid, grid).numpy(), cmap="Blues", interpolation="nearest")
+    axes[1].imshow(mask[1 + centre, 1:].reshape(grid, grid).numpy(), cmap="Blues", interpolation="nearest",
+                   vmin=0, vmax=1.5)
     axes[1].plot(centre % grid, centre // grid, "r*", markersize=14)
+    axes[1].set_xticks(range(grid))
+    axes[1].set_yticks(range(grid))
+    axes[1].set_xticks([i - 0.5 for i in range(grid + 1)], minor=True)
+    axes[1].set_yticks([i - 0.5 for i in range(grid + 1)], minor=True)
+    axes[1].grid(which="minor", color="grey", linewidth=0.5)
+    axes[1].tick_params(which="minor", length=0)
     axes[1].set(title=f"what patch {centre} (*) may attend to\n= a {k}x{k} conv's receptive field "
                       f"({patch_size}x{patch_size}-pixel patches)")
     fig.tight_layout()
