@@ -171,6 +171,12 @@ def test_tiny_run_on_real_recordings(tmp_path, capsys):
         assert r["forward_peak_mib_per_batch_mean"] > 0
     assert (tmp_path / "speech.png").stat().st_size > 0 and (tmp_path / "window_mask.png").exists()
     assert list(tmp_path.glob("features-*.npz"))
+    # the saved weights (safetensors) score the same when measured again without training
+    rc = main(["speech", "--data", str(DATA), "--out", str(tmp_path), "--quick", "--limit", "20", "--measure-only"])
+    again = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert rc == 0 and not again["full"]["trained_in_this_run"]
+    for name in ("truncated", "full"):
+        assert again[name]["test_accuracy"] == metrics["results"][name]["test_accuracy"]
 
 
 def test_cli_reports_missing_data(tmp_path, capsys):
