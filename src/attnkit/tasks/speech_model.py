@@ -27,7 +27,9 @@ def band_attention(q: Tensor, k: Tensor, v: Tensor, *, left: int, right: int, le
                    block: int | None = None, backend: str = "auto") -> Tensor:
     """Self-attention restricted to the band ``i - left <= j <= i + right`` (and ``j < lengths``), by blocks.
 
-    Equals ``attention(q, k, v, mask=masks.window(left, right) & masks.padding(lengths))``, but each block of
+    For every valid query (``i < lengths``) this equals
+    ``attention(q, k, v, mask=masks.window(left, right) & masks.padding(lengths))``; the rows of padded queries
+    (``i >= lengths``) are not meant to be used (they attend within their band, padding included). Each block of
     ``block`` queries is scored only against the keys its band can reach (``block + left + right`` of them), so
     the work is ``O(L * (block + left + right))`` and no ``L x L`` tensor (scores or mask) is ever built.
 
@@ -50,7 +52,10 @@ def band_attention(q: Tensor, k: Tensor, v: Tensor, *, left: int, right: int, le
         j = torch.arange(k0, k1, device=q.device)  # (kb,) key frames
         band = (j[None, :] >= i[:, None] - left) & (j[None, :] <= i[:, None] + right)  # (b, kb)
         if lengths is not None:
-            band = band[None, None] & (j < lengths.to(q.device)[:, None])[:, None, None, :]  # (B, 1, b, kb)
+            n = lengths.to(q.device)[:, None, None]  # (B, 1, 1)
+            # a valid query sees valid keys only; a padded query (i >= n, output discarded) keeps its whole band,
+            # so no row is empty and no zero-fill copy is needed
+            band = (band[None] & ((j[None, None, :] < n) | (i[None, :, None] >= n)))[:, None]  # (B, 1, b, kb)
         piece = attention(q[:, :, start:stop], k[:, :, k0:k1], v[:, :, k0:k1], mask=band,
                           backend=backend).transpose(1, 2)  # (B, b, H, Dv)
         if track:
