@@ -46,10 +46,14 @@ def test_kv_cache_step_equals_float64_causal_softmax_oracle(gen):
 
 
 def test_counting_text_and_bins():
-    assert counting_text(3) == "one, two, three."
-    assert "twenty-one" in counting_text(21)
+    assert counting_text(3) == "one\ntwo\nthree\n"
+    assert "twenty-one\n" in counting_text(21)
     r = _bin_timings([1e-3] * 10 + [2e-3] * 10, 2)
     assert r["ms_per_token_median"] == pytest.approx([1.0, 2.0]) and r["last_over_first"] == pytest.approx(2.0)
+    # cost growing by 1 ms every 1,000 positions: slope 1, flat cost: slope 0
+    ramp = _bin_timings([1e-3 + 1e-6 * t for t in range(4000)], 8)
+    assert ramp["slope_ms_per_1000_positions"] == pytest.approx(1.0, rel=1e-6)
+    assert _bin_timings([1e-3] * 4000, 8)["slope_ms_per_1000_positions"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_tiny_run(tmp_path):
@@ -59,5 +63,5 @@ def test_tiny_run(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["results"]) == {"linear", "softmax"}
     for r in metrics["results"].values():
-        assert len(r["ms_per_token_median"]) == metrics["config"]["bins"] and r["ms_first_bin"] > 0
+        assert len(r["ms_per_token_median"]) == metrics["config"]["bins"] and r["ms_first_quarter"] > 0
     assert (tmp_path / "cost_per_token.png").stat().st_size > 0

@@ -4,7 +4,7 @@ Seed 000: self-attention over a growing prefix costs more with every token (a KV
 but each new token still attends to all ``t`` of them), while linear attention ("Transformers are RNNs",
 Katharopoulos et al. 2020) carries a fixed-size state, so every token costs the same. Two tiny character-level
 models, identical but for the attention, are trained on counting text written offline with ``num2words``
-("one, two, three, ..."); then each generates ``--gen-len`` tokens one at a time and every step is timed
+(one number a line); then each generates ``--gen-len`` tokens one at a time and every step is timed
 (the two models take turns token by token, so load from other processes falls on both alike).
 
 Run directory (``--out``): ``metrics.json`` (losses, samples, per-position timings in bins) and
@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--gen-len", type=int, default=4096, help="tokens generated (and timed) per model")
+    p.add_argument("--gen-len", type=int, default=16384, help="tokens generated (and timed) per model")
     p.add_argument("--bins", type=int, default=32, help="position bins for the timing table and plot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds)")
@@ -45,12 +45,12 @@ def register(subparsers) -> None:
 
 
 def counting_text(n: int) -> str:
-    """``"one, two, three, ..., <n in words>."`` written with num2words (English)."""
+    """``"one\\ntwo\\nthree\\n...<n in words>\\n"``: one number a line, written with num2words (English)."""
     from num2words import num2words
 
     if n < 1:
         raise ValueError(f"--numbers must be >= 1; got {n}")
-    return ", ".join(num2words(i) for i in range(1, n + 1)) + "."
+    return "".join(num2words(i) + "\n" for i in range(1, n + 1))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             sched.step()
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         val = validation_loss(model, val_data, args.context)
-        prompt = ", ".join(text[split:].split(", ")[1:3]) + ", "
+        prompt = "\n".join(text[split:].split("\n")[1:3]) + "\n"
         sample = "".join(vocab[i] for i in greedy(model, [stoi[c] for c in prompt], 60))
         results[kind] = {"val_loss_nats": val, "val_bits_per_char": val / math.log(2), "prompt": prompt,
                          "greedy_continuation": sample}
@@ -113,11 +113,12 @@ def run(args: argparse.Namespace) -> int:
                "threads": torch.get_num_threads(), "results": results}
     _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     _plot(results, out / "cost_per_token.png")
-    print("| attention | val bits/char | ms/token first bin | ms/token last bin | last / first |")
-    print("|---|---|---|---|---|")
+    print("| attention | val bits/char | ms/token first quarter | ms/token last quarter | last / first | "
+          "slope ms per 1k positions |")
+    print("|---|---|---|---|---|---|")
     for kind, r in results.items():
-        print(f"| {kind} | {r['val_bits_per_char']:.3f} | {r['ms_first_bin']:.3f} | {r['ms_last_bin']:.3f} | "
-              f"{r['last_over_first']:.2f} |")
+        print(f"| {kind} | {r['val_bits_per_char']:.3f} | {r['ms_first_quarter']:.3f} | {r['ms_last_quarter']:.3f} | "
+              f"{r['last_over_first']:.2f} | {r['slope_ms_per_1000_positions']:.4f} |")
     for kind, r in results.items():
         print(f"{kind}: {r['prompt']!r} -> {r['greedy_continuation']!r}")
     return 0
@@ -186,8 +187,16 @@ def _bin_timings(seconds: list[float], bins: int) -> dict:
     size = max(len(seconds) // bins, 1)
     starts = list(range(0, len(seconds) - size + 1, size))[:bins]
     medians = [1e3 * statistics.median(seconds[s:s + size]) for s in starts]
+    q = max(len(medians) // 4, 1)
+    first, last = statistics.median(medians[:q]), statistics.median(medians[-q:])
+    # least-squares slope of the bin medians against position, in ms per 1,000 positions
+    xs = [s + size / 2 for s in starts]
+    mx, my = statistics.fmean(xs), statistics.fmean(medians)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = 1e3 * sum((x - mx) * (y - my) for x, y in zip(xs, medians, strict=True)) / var if var else 0.0
     return {"bin_start_positions": starts, "bin_size": size, "ms_per_token_median": medians,
-            "ms_first_bin": medians[0], "ms_last_bin": medians[-1], "last_over_first": medians[-1] / medians[0]}
+            "ms_first_quarter": first, "ms_last_quarter": last, "last_over_first": last / first,
+            "slope_ms_per_1000_positions": slope}
 
 
 def _plot(results: dict, path: Path) -> None:
