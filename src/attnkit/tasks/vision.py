@@ -37,8 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--cnn-width", type=int, default=32, help="CNN channels (first layer; then 2x)")
+    p.add_argument("--dropout", type=float, default=0.1, help="ViT dropout (the CNN has none)")
     p.add_argument("--pos", choices=("learned", "sinusoidal"), default="learned", help="ViT positions")
-    p.add_argument("--epochs", type=float, default=80.0, help="passes over the subset (at least --min-steps)")
+    p.add_argument("--epochs", type=float, default=120.0, help="passes over the subset (at least --min-steps)")
     p.add_argument("--min-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     for n, seed, name in bar:
         torch.manual_seed(seed)
         model = vm.build(name, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
-                         patch_size=args.patch_size, k=args.k, cnn_width=args.cnn_width, pos_embedding=args.pos)
+                         patch_size=args.patch_size, k=args.k, cnn_width=args.cnn_width, pos_embedding=args.pos,
+                         dropout=args.dropout)
         params[name] = sum(p.numel() for p in model.parameters())
         gen = torch.Generator().manual_seed(seed)
         idx = vm.stratified_subset(y_train, n, gen)
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         "train_images": len(y_train), "test_images": len(y_test), "sizes": sizes, "seeds": seeds,
         "parameters": params, "quick": bool(args.quick),
         "config": {k: getattr(args, k) for k in ("patch_size", "k", "embed_dim", "depth", "heads", "cnn_width",
-                                                 "pos", "epochs", "min_steps", "batch_size", "lr",
+                                                 "dropout", "pos", "epochs", "min_steps", "batch_size", "lr",
                                                  "shift")},
         "table": table, "runs": runs,
     }
