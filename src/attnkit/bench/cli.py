@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every case")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default 5, quick 3)")
-    p.add_argument("--only", default=None, help="run only cases whose id contains this text")
+    p.add_argument("--only", default=None,
+                   help="run only cases whose id matches this regular expression (re.search), e.g. 'window.*fwd$'")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention anchor")
     p.set_defaults(func=run)
@@ -47,7 +48,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, matmul peak {peak:.1f} GFLOP/s", flush=True)
     notes = []
     all_cases = _cases.build_cases(args.quick, flex=not args.no_flex)
-    chosen = [c for c in all_cases if args.only is None or args.only in c.id]
+    import re
+
+    try:
+        pattern = re.compile(args.only or "")
+    except re.error as exc:
+        print(f"--only must be a regular expression; got {args.only!r} ({exc})", file=sys.stderr)
+        return 2
+    chosen = [c for c in all_cases if pattern.search(c.id)]
     results = []
     try:
         from tqdm import tqdm
