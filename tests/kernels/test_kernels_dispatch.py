@@ -91,3 +91,21 @@ def test_explicit_backend_that_cannot_serve_raises(backend, kwargs, why):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=why):
         attention(q, k, v, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", sorted(CASES))
+@pytest.mark.parametrize("L,S", [(0, 5), (5, 0), (0, 0)])
+def test_empty_queries_or_keys(backend, L, S):
+    q = torch.randn(1, 2, L, 4, requires_grad=True)
+    k = torch.randn(1, 2, S, 4, requires_grad=True)
+    v = torch.randn(1, 2, S, 3, requires_grad=True)
+    mask = {"window": masks.window(1, 1), "blocksparse": masks.window(1, 0) | masks.window(0, 1),
+            "graph": masks.graph(torch.zeros(2, 0, dtype=torch.long), num_nodes=L),
+            "chunked": masks.causal()}[backend]
+    if backend == "graph" and L != S:
+        return  # a graph mask has one node set
+    out, w = attention(q, k, v, mask=mask, backend=backend, return_weights=True)
+    assert out.shape == (1, 2, L, 3) and w.shape == (1, 2, L, S)
+    assert out.abs().sum() == 0
+    out.sum().backward()
+    assert q.grad is None or q.grad.abs().sum() == 0

@@ -122,7 +122,7 @@ def _backward(q, k, v, out, lse, dout, plan: Plan, scale: float):
     nbq = -(-L // Bq)
     pad = nbq * Bq - L
     qp = F.pad(q, (0, 0, 0, pad)).view(*batch, nbq, Bq, D)  # (*b, nbq, Bq, D)
-    dop = F.pad(dout, (0, 0, 0, pad)).view(*batch, nbq, Bq, -1)  # (*b, nbq, Bq, Dv)
+    dop = F.pad(dout, (0, 0, 0, pad)).view(*batch, nbq, Bq, dout.shape[-1])  # (*b, nbq, Bq, Dv)
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij
     delta = F.pad((dout * out).sum(-1), (0, pad)).view(*batch, nbq, Bq, 1)  # (*b, nbq, Bq, 1)
     lse_p = F.pad(lse, (0, pad), value=float("-inf"))

@@ -142,8 +142,10 @@ def chunked_attention(
         l_tot = l_tot * r_old + l * r_new
         a_tot = a_tot * r_old + a * r_new
         M = M_new
-    if M is None:  # S == 0: nothing to attend
+    if M is None:  # S == 0: nothing to attend; zero output, still part of the graph (zero gradients)
         out = query.new_zeros(*batch, L, value.shape[-1])
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            out = out + 0.0 * (query.sum() + key.sum() + value.sum())
         return (out, query.new_zeros(*batch, L, 0)) if return_weights else out
     out = (a_tot / torch.where(l_tot > 0, l_tot, torch.ones_like(l_tot))).to(query.dtype)  # (*b, L, Dv)
     if not return_weights:

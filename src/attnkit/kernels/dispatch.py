@@ -118,13 +118,14 @@ def _graph_run(query, key, value, *, score, mask, bias, normalize, scale, dropou
     mask._check_size(N, key.shape[-2])
     batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
     nb = math.prod(batch)
-    q = query.expand(*batch, N, query.shape[-1]).reshape(nb, N, -1).transpose(0, 1)  # (N, nb, D)
-    k = key.expand(*batch, N, key.shape[-1]).reshape(nb, N, -1).transpose(0, 1)  # (N, nb, D)
-    v = value.expand(*batch, N, value.shape[-1]).reshape(nb, N, -1).transpose(0, 1)  # (N, nb, Dv)
+    D, Dv = query.shape[-1], value.shape[-1]
+    q = query.expand(*batch, N, D).reshape(nb, N, D).transpose(0, 1)  # (N, nb, D)
+    k = key.expand(*batch, N, D).reshape(nb, N, D).transpose(0, 1)  # (N, nb, D)
+    v = value.expand(*batch, N, Dv).reshape(nb, N, Dv).transpose(0, 1)  # (N, nb, Dv)
     # a dense mask counts an edge once: drop duplicate edges so both agree
     edge_index = torch.unique(mask.edge_index.to(query.device), dim=1)  # (2, E)
     out, w = graph_attention(q, k, v, edge_index, scale=_dot_scale(query, score, scale), return_weights=True)
-    out = out.transpose(0, 1).reshape(*batch, N, -1)  # (*b, N, Dv)
+    out = out.transpose(0, 1).reshape(*batch, N, Dv)  # (*b, N, Dv)
     if not return_weights:
         return out
     dense = w.new_zeros(nb, N, N)
