@@ -123,7 +123,9 @@ def _graph_run(query, key, value, *, score, mask, bias, normalize, scale, dropou
     k = key.expand(*batch, N, D).reshape(nb, N, D).transpose(0, 1)  # (N, nb, D)
     v = value.expand(*batch, N, Dv).reshape(nb, N, Dv).transpose(0, 1)  # (N, nb, Dv)
     # a dense mask counts an edge once: drop duplicate edges so both agree
-    edge_index = torch.unique(mask.edge_index.to(query.device), dim=1)  # (2, E)
+    ei = mask.edge_index.to(query.device)
+    flat = torch.unique(ei[1] * max(N, 1) + ei[0])  # (E,): 1-D unique is much faster than unique(dim=1)
+    edge_index = torch.stack([flat % max(N, 1), flat // max(N, 1)])  # (2, E): sources, destinations
     out, w = graph_attention(q, k, v, edge_index, scale=_dot_scale(query, score, scale), return_weights=True)
     out = out.transpose(0, 1).reshape(*batch, N, Dv)  # (*b, N, Dv)
     if not return_weights:
