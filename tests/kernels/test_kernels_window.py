@@ -143,3 +143,15 @@ def test_blocksparse_skips_empty_tiles():
     m = tiles.repeat_interleave(16, 0).repeat_interleave(16, 1)  # (128, 128), 1/8 of the tiles
     plan = plan_from_mask(masks.dense(m), 128, 128, block=16)
     assert plan.pairs == 128 * 16  # one 16-key tile per query row, not 128 keys
+
+
+def test_blocksparse_sees_in_place_edits_of_a_dense_mask():
+    L = S = 32
+    q, k, v = _qkv(L=L, S=S)
+    t = torch.zeros(L, S, dtype=torch.bool)
+    t[:, :8] = True
+    m = masks.dense(t)
+    blocksparse_attention(q, k, v, m, block=8)  # plans (and caches) tiles for the first 8 keys
+    t[:, 20:] = True  # the mask changes in place: the cached tiles must not be reused
+    out = blocksparse_attention(q, k, v, m, block=8)
+    _close(out, masked_softmax_attention_ref(q, k, v, t)[0])

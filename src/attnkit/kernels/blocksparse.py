@@ -64,7 +64,7 @@ class Plan:
 def plan_from_mask(mask: _masks.Mask, L: int, S: int, *, block: int = 128, batch_ndim: int = 2,
                    device=None) -> Plan:
     """Plan from ``mask.block_mask(L, S, block)``: each query block visits the key tiles that hold a True."""
-    tiles = mask.block_mask(L, S, block, device=device).to(torch.bool)  # (nbq, nbk)
+    tiles = cached_block_mask(mask, L, S, block, device)  # (nbq, nbk)
     nbq, nbk = tiles.shape
     counts = tiles.sum(1)  # (nbq,)
     groups = []
@@ -77,6 +77,35 @@ def plan_from_mask(mask: _masks.Mask, L: int, S: int, *, block: int = 128, batch
         allowed = mask_on_tiles(mask, qi, kidx, L, S, batch_ndim)  # (*mb, G, block, Kw)
         groups.append(Group(qblocks, kidx.clamp(0, max(S - 1, 0)), allowed))
     return Plan(L, S, block, groups)
+
+
+def cached_block_mask(mask: _masks.Mask, L: int, S: int, block: int, device=None) -> Tensor:
+    """``mask.block_mask(L, S, block)`` as bool, remembered on the mask object for the last (L, S, block).
+
+    Dispatch (to measure the density) and the kernel (to plan) both need it; for a dense mask it is a full
+    pass over L x S, so it is computed once per mask and shape.
+    """
+    key = (L, S, block, str(device), _versions(mask))  # in-place edits of a mask's tensors invalidate it
+    hit = getattr(mask, "_attnkit_tiles", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    tiles = mask.block_mask(L, S, block, device=device).to(torch.bool)
+    try:
+        mask._attnkit_tiles = (key, tiles)
+    except AttributeError:  # a mask class with __slots__: no cache
+        pass
+    return tiles
+
+
+def _versions(mask: _masks.Mask) -> tuple:
+    if isinstance(mask, (_masks.And, _masks.Or)):
+        return (_versions(mask.a), _versions(mask.b))
+    t = getattr(mask, "tensor", None)
+    if t is None:
+        t = getattr(mask, "lengths", None)
+    if t is None:
+        t = getattr(mask, "edge_index", None)
+    return (id(t), t._version) if isinstance(t, Tensor) else ()
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

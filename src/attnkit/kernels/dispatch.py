@@ -165,7 +165,9 @@ BACKENDS = {
 
 
 def _tile_density(mask, L: int, S: int, device) -> float:
-    tiles = mask.block_mask(L, S, _TILE, device=device)
+    from attnkit.kernels.blocksparse import cached_block_mask
+
+    tiles = cached_block_mask(mask, L, S, _TILE, device)
     return float(tiles.float().mean()) if tiles.numel() else 1.0
 
 
