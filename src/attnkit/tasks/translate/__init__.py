@@ -3,5 +3,6 @@
 Pieces, one per file: ``tokenize`` (text <-> tokens), ``vocab`` (tokens <-> ids), ``data`` (the embedded
 date task with gold alignments, the Tatoeba loader, the split), ``models`` (GRU + additive / Luong attention,
 Transformer), ``train`` (loop, checkpoints, resume), ``decode`` (greedy, beam), ``metrics`` (BLEU, exact match,
-alignment accuracy), ``checkpoint`` (safetensors + JSON) and ``cli``.
+alignment accuracy), ``evaluate`` (held-out scores, samples.txt, heatmaps), ``checkpoint`` (safetensors + JSON),
+``errors`` (the one-line user-facing error) and ``cli``.
 """
