@@ -287,9 +287,7 @@ def test_non_contiguous_inputs(gen, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", [
     "none", "causal", "window", "padding",
-    pytest.param("padding_per_query", marks=pytest.mark.xfail(strict=True, raises=IndexError, reason=(
-        "BUG (lead, open at 10:50): per-query padding lengths of shape (B, 0) make "
-        "functional.attention._unused_keys call lengths.amax(1) over an empty dim -> IndexError"))),
+    "padding_per_query",
     "graph",
 ])
 def test_empty_queries(gen, backend, kind):

@@ -208,8 +208,8 @@ def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> 
     Every mask kind answers in O(S) (or O(E) for graphs, O(L S) for dense tensors) without materializing."""
     if isinstance(mask, _masks.Padding):
         lengths = mask.lengths.to(device)
-        if lengths.ndim == 2:
-            lengths = lengths.amax(1)  # (B,): a key is used if any query may see it
+        if lengths.ndim == 2:  # (B,): a key is used if any query may see it (no queries: none is)
+            lengths = lengths.amax(1) if lengths.shape[1] else lengths.new_zeros(lengths.shape[0])
         unused = torch.arange(S, device=device)[None, :] >= lengths[:, None]  # (B, S)
         return unused.reshape(unused.shape[0], *([1] * (batch_ndim - 1)), S, 1)  # (B, 1.., S, 1)
     if isinstance(mask, _masks.Window):

@@ -1,0 +1,1 @@
+"""Pictures of attention (matplotlib, imported lazily by each function)."""
