@@ -122,3 +122,11 @@ def test_bad_sizes_error(tmp_path):
 
     with pytest.raises(ValueError, match="--sizes"):
         main(["vision", "--sizes", "100,lots", "--out", str(tmp_path)])
+
+
+def test_bad_sizes_give_a_one_line_error(tmp_path, capsys):
+    from attnkit.cli import main
+
+    assert main(["vision", "--sizes", "5,x", "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes must be integers" in err and "Traceback" not in err

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -87,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     x_train, y_train, x_test, y_test = vm.load_digits_split()
-    sizes = _parse_sizes(args.sizes, len(y_train))
+    try:
+        sizes = _parse_sizes(args.sizes, len(y_train))
+    except ValueError as exc:
+        print(f"attnkit vision: {exc}", file=sys.stderr)
+        return 2
     seeds = list(range(args.seed, args.seed + args.seeds))
     jobs = [(n, s, m) for n in sizes for s in seeds for m in models]
     runs, params = [], {}
