@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from attnkit.tasks._io import save_figure_atomic, write_text_atomic
 
 
 def register(subparsers) -> None:
@@ -54,10 +54,7 @@ def counting_text(n: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,8 +212,5 @@ def _plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
     plt.close(fig)

@@ -13,7 +13,6 @@ Run directory (``--out``): ``metrics.json``, ``speech.png`` (accuracy per epoch,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from attnkit.tasks._io import save_figure_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA = "../shared/data/fsdd/recordings"
@@ -53,10 +54,7 @@ def register(subparsers) -> None:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)
 
 
 def _take(items: list, n: int) -> list:
@@ -302,7 +300,4 @@ def _plot(results: dict, out: Path, window: int) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)

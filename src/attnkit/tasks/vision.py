@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from attnkit.tasks._io import save_figure_atomic, write_text_atomic
 
 
 def register(subparsers) -> None:
@@ -51,10 +51,7 @@ def register(subparsers) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _parse_sizes(text: str, n_train: int) -> list[int]:
@@ -220,7 +217,4 @@ def _plot(table: dict, models: list[str], sizes: list[int], out: Path, *, grid: 
 
 
 def _save(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
