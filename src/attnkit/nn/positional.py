@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from attnkit._checks import check_probability
 from attnkit.functional.positional import (
     _check_int,
     _check_positive_float,
@@ -34,11 +35,7 @@ __all__ = [
 
 
 def _check_dropout(dropout) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float):
-        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    return float(dropout)
+    return check_probability("dropout", dropout)
 
 
 def _check_tokens(x, embed_dim: int) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from attnkit import masks
+from attnkit._checks import check_probability
 from attnkit.functional.attention import attention
 from attnkit.functional.scores import additive, scaled_dot
 
@@ -20,11 +21,7 @@ __all__ = ["AdditiveAttention", "DotProductAttention"]
 
 
 def _check_dropout(dropout) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, int | float):
-        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    return float(dropout)
+    return check_probability("dropout", dropout)
 
 
 def _check_qkv(queries, keys, values) -> None:
