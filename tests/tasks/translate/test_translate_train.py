@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnkit.tasks.translate.evaluate import evaluate
-from attnkit.tasks.translate.train import TrainConfig, epoch_batches, train
+from attnkit.tasks.translate.train import TrainConfig, epoch_batches, learning_rate, train
 
 
 def test_short_run_learns_the_embedded_task_well_above_chance(tmp_path):
@@ -31,8 +31,10 @@ def _weights(model):
 
 @pytest.mark.parametrize("kind", ["bahdanau", "transformer"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, kind):
+    # the Transformer runs with warm-up and linear decay: the schedule must resume exactly too
+    schedule = dict(warmup_steps=10, schedule="linear") if kind == "transformer" else {}
     cfg = TrainConfig(model=kind, hidden=16, embed_dim=8, num_heads=2, ff_dim=32, num_layers=1, dropout=0.3,
-                      epochs=2, batch_size=64, seed=7)
+                      epochs=2, batch_size=64, seed=7, **schedule)
     whole = train(cfg, tmp_path / "whole", progress=False)
 
     def ctrl_c_at_step_50(step):  # mid-way through the second epoch (39 batches per epoch)
@@ -60,3 +62,17 @@ def test_epoch_batches_cover_every_pair_once_and_depend_on_seed_and_epoch():
     assert b == epoch_batches(lengths, 16, seed=3, epoch=0)
     assert b != epoch_batches(lengths, 16, seed=3, epoch=1)
     assert b != epoch_batches(lengths, 16, seed=4, epoch=0)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero_at_the_last_step():
+    cfg = TrainConfig(lr=0.01, warmup_steps=4, schedule="linear", epochs=2)
+    lrs = [learning_rate(cfg, t, steps_per_epoch=10) for t in range(20)]
+    assert lrs[:4] == pytest.approx([0.0025 * 1.0, 0.0025 * 2 * 0.95, 0.0025 * 3 * 0.9, 0.01 * 0.85])
+    assert lrs[4:] == pytest.approx([0.01 * (1 - t / 20) for t in range(4, 20)])
+    assert learning_rate(TrainConfig(lr=0.01), 123, 10) == 0.01  # constant, no warm-up
+
+
+@pytest.mark.parametrize("bad", [dict(schedule="cosine"), dict(warmup_steps=-1)])
+def test_bad_schedule_options_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainConfig.from_dict(bad)

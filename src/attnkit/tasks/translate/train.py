@@ -47,7 +47,9 @@ class TrainConfig:
     ff_dim: int = 256
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 5e-3  # peak learning rate
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many optimizer steps
+    schedule: str = "constant"  # after warm-up: "constant" or "linear" (decay to 0 at the end of the last epoch)
     clip: float = 1.0
     label_smoothing: float = 0.0
     seed: int = 0
@@ -64,7 +66,27 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown training options {unknown}; expected some of {sorted(names)}")
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+        if cfg.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+        return cfg
+
+
+SCHEDULES = ("constant", "linear")
+
+
+def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): a function of the step alone, so resume is exact.
+
+        lr_t = lr * min(1, (t + 1) / warmup) * (1 - t / total  if schedule == "linear" else 1)
+    """
+    scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "linear":
+        total = max(cfg.epochs * steps_per_epoch, 1)
+        scale *= max(0.0, 1.0 - step / total)
+    return cfg.lr * scale
 
 
 def load_splits(cfg: TrainConfig) -> dict[str, list[Pair]]:
@@ -165,7 +187,7 @@ def valid_loss(model, items, bos, eos, batch_size) -> float:
     total, count = 0.0, 0
     for i in range(0, len(items), batch_size):
         src, src_lens, tgt_in, tgt_out = collate(items[i: i + batch_size], bos, eos)
-        logits, _ = model(src, src_lens, tgt_in)
+        logits, _ = model(src, src_lens, tgt_in, need_weights=False)
         loss, n = masked_loss(logits, tgt_out)
         total, count = total + float(loss), count + n
     model.train()
@@ -231,7 +253,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
             for b in range(start, n_batches):
                 batch = [train_items[i] for i in batches[b]]
                 src, src_lens, tgt_in, tgt_out = collate(batch, bos, eos)
-                logits, _ = model(src, src_lens, tgt_in)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, global_step, n_batches)
+                logits, _ = model(src, src_lens, tgt_in, need_weights=False)
                 loss, n_tok = masked_loss(logits, tgt_out, cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 (loss / n_tok).backward()

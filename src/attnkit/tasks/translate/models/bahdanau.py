@@ -57,7 +57,8 @@ class BahdanauSeq2Seq(Seq2Seq):
         logits = self.out(out.squeeze(1))  # (B, V)
         return logits, (enc_out, src_lens, hidden.transpose(0, 1).contiguous()), weights.squeeze(1)
 
-    def forward(self, src, src_lens, tgt_in):
+    def forward(self, src, src_lens, tgt_in, *, need_weights: bool = True):
+        del need_weights  # the weights come with the context vectors
         state = self.encode(src, src_lens)
         logits, weights = [], []
         for t in range(tgt_in.shape[1]):

@@ -17,6 +17,15 @@ class Seq2Seq(nn.Module):
     def step(self, y_prev: torch.Tensor, state: tuple[torch.Tensor, ...]):
         raise NotImplementedError
 
+    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor, *,
+                need_weights: bool = True) -> tuple[torch.Tensor, dict]:
+        """Teacher-forced logits ``(B, T, V)`` and the attention dict (``weights (B, T, S)`` when asked).
+
+        ``need_weights=False`` lets a model skip work done only for the picture (training does this); the
+        GRU models get their weights for free and return them either way.
+        """
+        raise NotImplementedError
+
     @staticmethod
     def reorder_state(state: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Pick batch rows ``index`` of every tensor in ``state`` (beam search)."""

@@ -84,7 +84,8 @@ class LuongSeq2Seq(Seq2Seq):
         logits = self._output(dec_out, context).squeeze(1)  # (B, V)
         return logits, (enc_out, src_lens, hidden.transpose(0, 1).contiguous()), weights.squeeze(1)
 
-    def forward(self, src, src_lens, tgt_in):
+    def forward(self, src, src_lens, tgt_in, *, need_weights: bool = True):
+        del need_weights  # the weights come with the context vectors
         enc_out, hidden = self.encoder(src, src_lens)  # (B, S, H), (layers, B, H)
         dec_out, _ = self.rnn(self.dropout(self.embedding(tgt_in)), hidden)  # (B, T, H)
         context, weights = self._attend(dec_out, enc_out, src_lens)  # (B, T, H), (B, T, S)
