@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from attnkit._io import save_figure_atomic, write_json_atomic
 from attnkit.nn.gat import GATConv
 from attnkit.tasks.datasets.planetoid import GraphData, load_planetoid
 
@@ -173,33 +172,6 @@ def train_one(data: GraphData, x: Tensor, args, seed: int, progress=None) -> tup
     }, model
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".metrics-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _save_figure_atomic(fig, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fig-", suffix=".png.tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_karate(data: GraphData, model: GAT, x: Tensor, path: str) -> None:
     """Karate graph: node colour = predicted club, ring = labelled, edge width = first-layer attention."""
     import matplotlib
@@ -236,7 +208,7 @@ def plot_karate(data: GraphData, model: GAT, x: Tensor, path: str) -> None:
     ax.set_title(f"karate club, GAT prediction (blue = Mr. Hi, orange = Officer), test acc {acc:.2f}\n"
                  "big = labelled, red ring = wrong; edge width = layer-1 attention (mean over heads)", fontsize=9)
     ax.axis("off")
-    _save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -265,7 +237,7 @@ def plot_attention_entropy(data: GraphData, model: GAT, x: Tensor, path: str) ->
     ax.set_ylabel("nodes")
     ax.set_title(f"{data.name}: attention entropy, learned vs uniform", fontsize=10)
     ax.legend()
-    _save_figure_atomic(fig, path)
+    save_figure_atomic(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -378,10 +350,10 @@ def run(args) -> int:
             first_model, first_data, first_x = model, data, x
         if len(runs) < args.seeds:  # a partial record, in case the job is stopped
             partial = _metrics(args, first_data, runs, karate, picture, complete=False)
-            _write_json_atomic(os.path.join(args.out, "metrics.json"), partial)
+            write_json_atomic(os.path.join(args.out, "metrics.json"), partial)
 
     metrics = _metrics(args, first_data, runs, karate, picture, complete=True)
-    _write_json_atomic(os.path.join(args.out, "metrics.json"), metrics)
+    write_json_atomic(os.path.join(args.out, "metrics.json"), metrics)
     if karate:
         plot_karate(first_data, first_model, first_x, os.path.join(args.out, picture))
     else:

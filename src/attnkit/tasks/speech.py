@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from attnkit.tasks._io import save_figure_atomic, write_json_atomic
+from attnkit._io import save_figure_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 DEFAULT_DATA = "../shared/data/fsdd/recordings"

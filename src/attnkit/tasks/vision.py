@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from attnkit.tasks._io import save_figure_atomic, write_text_atomic
+from attnkit._io import save_figure_atomic, write_text_atomic
 
 
 def register(subparsers) -> None:

@@ -7,11 +7,11 @@ module costs nothing and it works on machines without a display. Files are writt
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from attnkit._io import save_figure_atomic
 
 
 def _check(weights: torch.Tensor, src_tokens: list[str], out_tokens: list[str]) -> torch.Tensor:
@@ -71,14 +71,5 @@ def save_heatmap(weights: torch.Tensor, src_tokens: list[str], out_tokens: list[
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_figure_atomic(fig, path, dpi=100)
     return path

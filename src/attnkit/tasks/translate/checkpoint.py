@@ -9,37 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from attnkit._io import write_bytes_atomic, write_text_atomic
 from attnkit.tasks.translate.errors import TranslateError
 
 FORMAT = "attnkit-translate/1"
 WEIGHTS, META = "weights.safetensors", "checkpoint.json"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -78,10 +56,10 @@ def save_checkpoint(run_dir: str | Path, *, model: torch.nn.Module, optimizer: t
         tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     blob = save(tensors, metadata={"format": FORMAT})
-    atomic_write_bytes(run_dir / WEIGHTS, blob)
+    write_bytes_atomic(run_dir / WEIGHTS, blob)
     meta["format"] = FORMAT
     meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
-    atomic_write_text(run_dir / META, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(run_dir / META, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
 
 
 def load_checkpoint(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

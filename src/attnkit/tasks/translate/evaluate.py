@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from attnkit._io import write_text_atomic
 from attnkit.tasks.translate import metrics
-from attnkit.tasks.translate.checkpoint import atomic_write_text
 from attnkit.tasks.translate.data import Pair
 from attnkit.tasks.translate.decode import beam_search, greedy
 from attnkit.tasks.translate.tokenize import detokenize
@@ -96,13 +96,13 @@ def write_report(run_dir: str | Path, model, result: dict, samples: list[dict], 
     from attnkit.viz.heatmap import save_heatmap
 
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     lines = []
     for s in samples[:n_samples]:
         ok = "ok " if any(s["hyp"] == r for r in s["refs"]) else "BAD"
         lines.append(f"{ok} src: {detokenize(s['src'])}\n    ref: "
                      + " | ".join(detokenize(r) for r in s["refs"]) + f"\n    out: {detokenize(s['hyp'])}\n")
-    atomic_write_text(run_dir / "samples.txt", "\n".join(lines))
+    write_text_atomic(run_dir / "samples.txt", "\n".join(lines))
     paths = []
     for i, s in enumerate(samples[:n_heatmaps]):
         src_tokens = s["src"]
