@@ -272,87 +272,18 @@ class MultiHeadAttention(nn.Module):
     # ------------------------------------------------------------------ torch conversion
     @classmethod
     def from_torch(cls, m: nn.MultiheadAttention) -> MultiHeadAttention:
-        """A :class:`MultiHeadAttention` holding copies of the weights of a ``torch.nn.MultiheadAttention``.
+        """A :class:`MultiHeadAttention` holding copies of the weights of a ``torch.nn.MultiheadAttention``
+        (see :func:`attnkit.nn.torch_convert.from_torch`)."""
+        from attnkit.nn.torch_convert import from_torch
 
-        Reads the packed ``in_proj_weight`` (when ``kdim == vdim == embed_dim``) or ``q/k/v_proj_weight``,
-        and the biases. ``batch_first`` does not matter: this module is always batch-first. The training
-        flag is copied.
-
-        Raises:
-            TypeError: ``m`` is not a ``torch.nn.MultiheadAttention``.
-            ValueError: ``m`` uses ``add_bias_kv`` or ``add_zero_attn`` (use ``attnkit.nn.compat``), or
-                has a bias on only some projections.
-        """
-        if not isinstance(m, nn.MultiheadAttention):
-            raise TypeError(f"m must be a torch.nn.MultiheadAttention; got {type(m).__name__}.")
-        if m.bias_k is not None or m.add_zero_attn:
-            raise ValueError(
-                "m uses add_bias_kv/add_zero_attn, which MultiHeadAttention does not have. "
-                "Load its state_dict into attnkit.nn.compat.MultiheadAttention instead."
-            )
-        has_bias = m.in_proj_bias is not None
-        if has_bias != (m.out_proj.bias is not None):
-            raise ValueError(
-                "m must have biases on all projections or none; got in_proj_bias "
-                f"{'set' if has_bias else 'None'} and out_proj.bias "
-                f"{'set' if m.out_proj.bias is not None else 'None'}."
-            )
-        w = m.out_proj.weight
-        new = cls(
-            m.embed_dim, m.num_heads, kdim=m.kdim, vdim=m.vdim, dropout=float(m.dropout), bias=has_bias,
-            device=w.device, dtype=w.dtype,
-        )
-        if m._qkv_same_embed_dim:
-            w_q, w_k, w_v = m.in_proj_weight.chunk(3)  # 3 x (E, E)
-        else:
-            w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
-        with torch.no_grad():
-            new.q_proj.weight.copy_(w_q)
-            new.k_proj.weight.copy_(w_k)
-            new.v_proj.weight.copy_(w_v)
-            new.out_proj.weight.copy_(m.out_proj.weight)
-            if has_bias:
-                b_q, b_k, b_v = m.in_proj_bias.chunk(3)  # 3 x (E,)
-                new.q_proj.bias.copy_(b_q)
-                new.k_proj.bias.copy_(b_k)
-                new.v_proj.bias.copy_(b_v)
-                new.out_proj.bias.copy_(m.out_proj.bias)
-        return new.train(m.training)
+        return from_torch(cls, m)
 
     def to_torch(self, *, batch_first: bool = True) -> nn.MultiheadAttention:
-        """A ``torch.nn.MultiheadAttention`` holding copies of these weights.
+        """A ``torch.nn.MultiheadAttention`` holding copies of these weights
+        (see :func:`attnkit.nn.torch_convert.to_torch`)."""
+        from attnkit.nn.torch_convert import to_torch
 
-        Args:
-            batch_first: the returned module's layout (this module is batch-first; torch's default is not).
-
-        Raises:
-            ValueError: grouped-query attention (``num_kv_heads != num_heads``) has no torch equivalent.
-        """
-        if self.num_kv_heads != self.num_heads:
-            raise ValueError(
-                f"cannot convert grouped-query attention (num_kv_heads={self.num_kv_heads} != "
-                f"num_heads={self.num_heads}) to torch.nn.MultiheadAttention, which has one key/value head "
-                "per query head."
-            )
-        w = self.out_proj.weight
-        has_bias = self.q_proj.bias is not None
-        m = nn.MultiheadAttention(
-            self.embed_dim, self.num_heads, dropout=self.dropout, bias=has_bias, kdim=self.kdim,
-            vdim=self.vdim, batch_first=batch_first, device=w.device, dtype=w.dtype,
-        )
-        with torch.no_grad():
-            if m._qkv_same_embed_dim:
-                w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3E, E)
-                m.in_proj_weight.copy_(w_qkv)
-            else:
-                m.q_proj_weight.copy_(self.q_proj.weight)
-                m.k_proj_weight.copy_(self.k_proj.weight)
-                m.v_proj_weight.copy_(self.v_proj.weight)
-            m.out_proj.weight.copy_(self.out_proj.weight)
-            if has_bias:
-                m.in_proj_bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
-                m.out_proj.bias.copy_(self.out_proj.bias)
-        return m.train(self.training)
+        return to_torch(self, batch_first=batch_first)
 
 
 def _check_mask(name: str, mask, target: tuple[int, int, int, int], device) -> Mask | Tensor | None:
