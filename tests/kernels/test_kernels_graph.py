@@ -82,3 +82,81 @@ def test_bad_input():
         graph_attention(q, q, q, torch.tensor([[0, 9], [1, 2]]))
     with pytest.raises(TypeError, match="integer"):
         edge_softmax(torch.randn(2, 1), torch.tensor([0.0, 1.0]), 2)
+
+
+def _dense_ref(q, k, v, ei):
+    """Float64 reference through a dense (N, Nsrc) mask (edges must be unique)."""
+    mask = torch.zeros(q.shape[0], k.shape[0], dtype=torch.bool)
+    mask[ei[1], ei[0]] = True
+    out, w = masked_softmax_attention_ref(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask)
+    return out.transpose(0, 1), w[:, ei[1], ei[0]].T  # (N, H, Dv), (E, H)
+
+
+def test_unsorted_edges_keep_the_callers_order_and_match_sorted():
+    N, H, D = 12, 3, 4
+    ei = torch.unique(_graph(N, E=50, seed=6), dim=1)
+    shuffled = ei[:, torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(7))]
+    assert not bool((shuffled[1, 1:] >= shuffled[1, :-1]).all())  # really unsorted
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(N, H, D, generator=g) for _ in range(3))
+    out, w = graph_attention(q, k, v, shuffled, return_weights=True)
+    ref_out, ref_w = _dense_ref(q, k, v, shuffled)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.double(), ref_w, rtol=1e-5, atol=1e-6)  # aligned with the shuffled edges
+    out_s = graph_attention(q, k, v, ei)
+    torch.testing.assert_close(out_s, out, rtol=1e-6, atol=1e-6)
+
+
+def test_gradcheck_through_weights_and_unsorted_edges():
+    N, H, D = 6, 2, 3
+    ei = _graph(N, E=14, seed=9)
+    ei = ei[:, torch.randperm(14, generator=torch.Generator().manual_seed(1))]
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(N, H, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    c = torch.randn(14, H, generator=g, dtype=torch.float64)
+
+    def fn(a, b, x):
+        out, w = graph_attention(a, b, x, ei, return_weights=True)
+        return out.sum(-1) * 0.5, (w * c).sum(0)  # the weights carry gradients of their own
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_more_sources_than_destinations():
+    N, Ns, H, D = 5, 9, 2, 3
+    g = torch.Generator().manual_seed(11)
+    ei = torch.unique(torch.stack([torch.randint(0, Ns, (20,), generator=g), torch.randint(0, N - 1, (20,),
+                                                                                           generator=g)]), dim=1)
+    q = torch.randn(N, H, D, generator=g)
+    k, v = torch.randn(Ns, H, D, generator=g), torch.randn(Ns, H, D, generator=g)
+    out = graph_attention(q, k, v, ei)
+    torch.testing.assert_close(out.double(), _dense_ref(q, k, v, ei)[0], rtol=1e-5, atol=1e-6)
+    assert out[N - 1].abs().max() == 0  # no in-edge
+    with pytest.raises(ValueError, match="edge_index"):
+        graph_attention(q, k, v, torch.tensor([[9], [0]]))  # source 9 is not a key node
+
+
+def test_cached_structure_sees_in_place_edits():
+    N, H, D = 10, 2, 4
+    ei = torch.unique(_graph(N, E=30, seed=12), dim=1)
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(N, H, D, generator=g) for _ in range(3))
+    graph_attention(q, k, v, ei)  # builds (and remembers) the sorted structure
+    ei[0] = (ei[0] + 1) % N  # same tensor, new sources: the structure must be rebuilt
+    torch.testing.assert_close(graph_attention(q, k, v, ei).double(), _dense_ref(q, k, v, ei)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_isolated_nodes_zero_and_finite_grads_in_low_precision():
+    N, H, D = 8, 2, 4
+    ei = _graph(N, E=20, seed=14)  # nodes 6 and 7 have no in-edge
+    g = torch.Generator().manual_seed(15)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(N, H, D, generator=g).mul(30).to(dtype).requires_grad_(True) for _ in range(3))
+        out = graph_attention(q, k, v, ei)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert out[N - 2 :].abs().max() == 0
+        out.float().sum().backward()
+        for t in (q, k, v):
+            assert torch.isfinite(t.grad).all()
+        assert q.grad[N - 2 :].abs().max() == 0  # an isolated query gets no gradient

@@ -21,6 +21,7 @@ Shape letters: N nodes, E edges, H heads (any trailing dims of the scores are tr
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor
@@ -226,6 +227,109 @@ def edge_dot(query: Tensor, key: Tensor, edge_index: Tensor, *, scale: float = 1
     return _EdgeDot.apply(query, key, src, dst, float(scale))
 
 
+# ---- fused dot-product attention along edges ------------------------------------------------------------------
+
+class _Structure:
+    """Edges sorted by destination (CSR order): ``src``, ``dst`` (E,), ``counts`` (N,) in-edges per node, and
+    ``perm`` (E,) sorted position -> original edge id (None when the input was already sorted)."""
+
+    def __init__(self, src: Tensor, dst: Tensor, num_nodes: int):
+        self.perm = None
+        if dst.numel() > 1 and not bool((dst[1:] >= dst[:-1]).all()):
+            self.perm = torch.argsort(dst, stable=True)  # (E,)
+            src, dst = src.index_select(0, self.perm), dst.index_select(0, self.perm)
+        self.src, self.dst, self.num_nodes = src, dst, num_nodes
+        self.counts = torch.bincount(dst, minlength=num_nodes)  # (N,)
+
+    def inverse(self) -> Tensor:
+        """Original edge id -> sorted position (E,)."""
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(self.perm.numel(), device=self.perm.device)
+        return inv
+
+
+_LAST: list = [None]  # (weakref to edge_index, (version, N, N_src, device), _Structure): the last one built
+
+
+def _structure(edge_index: Tensor, num_nodes: int, num_src: int) -> _Structure:
+    """Checked, sorted structure of ``edge_index`` (destinations < num_nodes, sources < num_src), reused while
+    the same unmodified tensor comes again (a module calling with one graph pays the sort once)."""
+    key = (edge_index._version, num_nodes, num_src, edge_index.device) if isinstance(edge_index, Tensor) else None
+    hit = _LAST[0]
+    if hit is not None and hit[0]() is edge_index and hit[1] == key:
+        return hit[2]
+    if num_src == num_nodes:
+        ei = _check_edge_index(edge_index, num_nodes)
+        src, dst = ei[0], ei[1]
+    else:
+        _check_edge_index(edge_index, max(num_nodes, num_src))
+        src = _check_index("edge_index[0]", edge_index[0], edge_index.shape[1], num_src)
+        dst = _check_index("edge_index[1]", edge_index[1], edge_index.shape[1], num_nodes)
+    st = _Structure(src, dst, num_nodes)
+    _LAST[0] = (weakref.ref(edge_index), key, st)
+    return st
+
+
+def _rowsum(x: Tensor) -> Tensor:
+    """sum_d x[..., d] as a matrix-vector product (much faster than a sum over a short last dim).
+
+    Shape: (..., D) -> (...).
+    """
+    D = x.shape[-1]
+    return (x.reshape(-1, D) @ x.new_ones(D)).view(x.shape[:-1])  # (...)
+
+
+class _GraphAttention(torch.autograd.Function):
+    """out, alpha = attention along sorted edges; saves q, k, v, out, alpha (E, H) and the structure."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, st: _Structure, scale: float):
+        N, H = q.shape[0], q.shape[1]
+        src, dst = st.src, st.dst
+        # s_e = scale <q_i, k_j> for e = (j -> i)
+        s = _rowsum(q.index_select(0, dst).mul_(k.index_select(0, src))).mul_(scale)  # (E, H)
+        # m_i = max over i's in-edges (0 for a node with none)
+        if N:
+            m = torch.segment_reduce(s, "max", lengths=st.counts, axis=0)  # (N, H)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        else:
+            m = s.new_zeros(0, H)
+        e = s.sub_(m.index_select(0, dst)).exp_()  # (E, H)
+        # alpha_e = exp(s_e - m_i) / sum_{e' -> i} exp(s_e' - m_i); Z_i >= 1 wherever an edge exists
+        z = e.new_zeros(N, H).index_add_(0, dst, e)  # (N, H)
+        w = e.div_(z.index_select(0, dst))  # (E, H)
+        # out_i = sum_{e = (j -> i)} alpha_e v_j
+        out = v.new_zeros(N, H, v.shape[-1]).index_add_(0, dst, v.index_select(0, src).mul_(w.unsqueeze(-1)))
+        ctx.save_for_backward(q, k, v, out, w)
+        ctx.st, ctx.scale = st, scale
+        ctx.set_materialize_grads(False)
+        return out, w
+
+    @staticmethod
+    def backward(ctx, dout: Tensor | None, dw_ext: Tensor | None):
+        q, k, v, out, w = ctx.saved_tensors
+        src, dst = ctx.st.src, ctx.st.dst
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dout = dout.to(out.dtype).contiguous()
+        gd = dout.index_select(0, dst)  # (E, H, Dv): d out_i per edge
+        # d alpha_e = <d out_i, v_j>  (+ the caller's gradient on the weights)
+        da = _rowsum(v.index_select(0, src).mul_(gd))  # (E, H)
+        dv = v.new_zeros(v.shape).index_add_(0, src, gd.mul_(w.unsqueeze(-1))) if need_v else None  # d v_j
+        # sum_{e -> i} alpha_e d alpha_e = <d out_i, out_i>  (+ the weights' own term)
+        delta = _rowsum(dout * out)  # (N, H)
+        if dw_ext is not None:
+            dw_ext = dw_ext.to(w.dtype)
+            da = da.add_(dw_ext)
+            delta = delta.index_add_(0, dst, w * dw_ext)
+        # d s_e = alpha_e (d alpha_e - sum_{e' -> i} alpha_e' d alpha_e'), times scale for q and k
+        ds = da.sub_(delta.index_select(0, dst)).mul_(w).mul_(ctx.scale).unsqueeze(-1)  # (E, H, 1)
+        dq = q.new_zeros(q.shape).index_add_(0, dst, k.index_select(0, src).mul_(ds)) if need_q else None
+        dk = k.new_zeros(k.shape).index_add_(0, src, q.index_select(0, dst).mul_(ds)) if need_k else None
+        return dq, dk, dv, None, None
+
+
 def graph_attention(
     query: Tensor,
     key: Tensor,
@@ -269,10 +373,18 @@ def graph_attention(
         raise TypeError(f"query, key, value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}.")
     if key.shape[:2] != value.shape[:2]:
         raise ValueError(f"key and value must agree on (N, H); got {tuple(key.shape)} and {tuple(value.shape)}.")
+    if query.shape[1:] != key.shape[1:]:
+        raise ValueError(f"query and key must agree on (H, D); got {tuple(query.shape)} and {tuple(key.shape)}.")
     N = query.shape[0]
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
-    scores = edge_dot(query, key, edge_index, scale=scale)  # (E, H)
-    weights = edge_softmax(scores, edge_index[1], N)  # (E, H)
-    out = edge_aggregate(weights, value, edge_index, N)  # (N, H, Dv)
-    return (out, weights) if return_weights else out
+    st = _structure(edge_index, N, key.shape[0])
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, k, v = (t.to(acc).contiguous() for t in (query, key, value))  # (N, H, D): rows gathered per edge
+    out, w = _GraphAttention.apply(q, k, v, st, float(scale))  # (N, H, Dv), (E, H) in sorted order
+    out = out.to(query.dtype)
+    if not return_weights:
+        return out
+    if st.perm is not None:
+        w = w.index_select(0, st.inverse())  # (E, H) in the caller's edge order
+    return out, w.to(query.dtype)
