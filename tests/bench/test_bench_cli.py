@@ -45,3 +45,22 @@ def test_table_ratios():
         "attnkit": {"median_s": 0.5, "n": 3}, "sdpa": {"median_s": 2.0, "n": 3}}}]
     table = report.format_table(results)
     assert "4.00" in table and "500.00" in table
+
+
+def test_missing_optional_anchor_is_a_note_and_a_skip(tmp_path, capsys, monkeypatch):
+    from attnkit.bench import anchors
+
+    def not_installed(module, pip_name):
+        raise anchors.AnchorUnavailable(f"{pip_name} not installed (pip install 'attnkit[bench]')")
+
+    monkeypatch.setattr(anchors, "_require", not_installed)
+    rc = main(["bench", "--quick", "--only", "^graph", "--repeats", "1", "--no-memory", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    gat = data["cases"][0]["impls"]["gatconv"]
+    assert gat["median_s"] is None and gat["error"].startswith("skipped: torch_geometric not installed")
+    verdicts = {v["target"]: v["verdict"] for v in data["targets"]}
+    assert verdicts["graph (Cora-sized) fwd+bwd: <= 1.5 x PyTorch Geometric's GATConv time"] == "SKIP"
+    out = capsys.readouterr().out
+    assert "skipped: torch_geometric not installed" in out
+    assert out.rstrip().splitlines()[-2].startswith("targets: ")  # the summary ends the table, then "wrote ..."

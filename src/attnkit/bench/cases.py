@@ -1,21 +1,22 @@
-"""Benchmark cases: each pairs attnkit's path with its anchors on the same inputs.
+"""Benchmark cases: each pairs attnkit's path with its anchors on the same inputs (issue 5's settings).
 
+Every case runs float32 with B=1, H=8, D=64 unless its note says otherwise (``--quick`` shrinks all sizes).
 A :class:`Case` holds *factories*: ``impls[name]()`` builds the inputs (seeded) and returns a closure that runs
 one call, so the same case can be rebuilt in a child process to measure its memory. ``flops`` is the work the
 case *needs* (allowed pairs only): forward ``4 * B * H * pairs * D`` (Q K^T and P V), forward+backward three
-times that (dQ, dK, dV, dP add four matmuls of the same size); anchors that compute more pairs show a lower
-GFLOP/s on purpose.
+times that (dQ, dK, dV, dP add four matmuls of the same size); additive ``B * L * S * (4 * hidden + 2 * Dv)``
+(add, tanh, w_v dot, P V); anchors that compute more pairs show a lower GFLOP/s on purpose.
 
 Anchors: ``sdpa`` (``F.scaled_dot_product_attention``, with the dense boolean mask where there is a mask),
-``math`` (attnkit's plain path, ``backend="math"``: scores -> softmax -> weights @ V), ``flex`` (compiled
-FlexAttention forward, compile time reported apart, only when it compiles on this machine), ``gatconv``
-(PyTorch Geometric, only where installed).
+``math`` (attnkit's plain path, ``backend="math"``: scores -> softmax -> weights @ V), and those of
+:mod:`attnkit.bench.anchors`: ``flex`` (compiled FlexAttention forward, compile time reported apart),
+``local_attention`` (lucidrains), ``gatconv`` (PyTorch Geometric), ``broadcast`` (lean broadcast additive).
+``role`` names the issue-5 target a case serves (see :mod:`attnkit.bench.targets`).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from attnkit import masks
+from attnkit.bench import anchors
+from attnkit.bench.anchors import _qkv, _runner
 from attnkit.functional import scores
 from attnkit.functional.attention import attention
 from attnkit.kernels import dispatch
 
 Factory = Callable[[], Callable[[], object]]
-
-#: compile seconds of the FlexAttention anchors, filled when their factories run
-COMPILE_TIMES: dict[str, float] = {}
+COMPILE_TIMES = anchors.COMPILE_TIMES  # kept here for callers of the old name
 
 
 @dataclass
@@ -44,29 +45,9 @@ class Case:
     backend: str = ""  # what backend="auto" picks for attnkit
     memory: tuple[str, ...] = ()  # impls whose peak memory is measured
     note: str = ""
+    role: str = ""  # the issue-5 target this case serves (attnkit.bench.targets)
+    check: Callable[[], dict] | None = None  # extra measured facts (e.g. an agreement), stored with the case
     extra: dict = field(default_factory=dict)
-
-
-def _qkv(B, H, L, S, D, *, grad: bool, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ts = [torch.randn(B, H, n, D, generator=g) for n in (L, S, S)]
-    return [t.requires_grad_(grad) for t in ts]
-
-
-def _runner(fn: Callable, inputs: list[torch.Tensor], mode: str) -> Callable[[], object]:
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn(*inputs)
-        return run
-    grad_out = {}
-
-    def run_bwd():
-        out = fn(*inputs)
-        if "g" not in grad_out:
-            grad_out["g"] = torch.randn_like(out)
-        return torch.autograd.grad(out, inputs, grad_out["g"])
-    return run_bwd
 
 
 def _pairs(mask: masks.Mask | None, L: int, S: int) -> int:
@@ -91,21 +72,6 @@ def _auto(q, k, v, **kw) -> str:
     return dispatch.choose(q, k, v, **req)
 
 
-def _flex_factory(case_id: str, B, H, L, D, mask_mod) -> Factory:
-    def make():
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        q, k, v = _qkv(B, H, L, L, D, grad=False)
-        block_mask = create_block_mask(mask_mod, None, None, L, L, device="cpu")
-        compiled = torch.compile(flex_attention, dynamic=False)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            compiled(q, k, v, block_mask=block_mask)
-        COMPILE_TIMES[case_id] = time.perf_counter() - t0
-        return _runner(lambda a, b, c: compiled(a, b, c, block_mask=block_mask), [q, k, v], "fwd")
-    return make
-
-
 def _attn_factory(B, H, L, S, D, mode, **kw) -> Factory:
     def make():
         q, k, v = _qkv(B, H, L, S, D, grad=mode != "fwd")
@@ -120,6 +86,24 @@ def _sdpa_factory(B, H, L, S, D, mode, *, mask: masks.Mask | None = None, is_cau
         return _runner(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=dense,
                                                                       is_causal=is_causal), [q, k, v], mode)
     return make
+
+
+def cora_sized_graph(N: int, E: int, seed: int = 3) -> torch.Tensor:
+    """A random undirected graph with Cora's shape: E / 2 distinct node pairs (no self loops), both directions.
+
+    Shape:
+        -> edge_index (2, E), row 0 = source, row 1 = target.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.empty(0, dtype=torch.long)
+    while pairs.numel() < E // 2:
+        a, b = torch.randint(0, N, (2, E), generator=g)
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        new = (lo * N + hi)[lo != hi]
+        pairs = torch.cat([pairs, new[~torch.isin(new, pairs)].unique()])
+    pairs = pairs[torch.randperm(pairs.numel(), generator=g)[: E // 2]]
+    src, dst = pairs // N, pairs % N
+    return torch.stack([torch.cat([src, dst]), torch.cat([dst, src])])  # (2, E)
 
 
 def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
@@ -138,36 +122,43 @@ def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
         "attnkit": _attn_factory(B, H, Ld, Ld, D, "fwd"),
         "sdpa": _sdpa_factory(B, H, Ld, Ld, D, "fwd"),
         "math": _attn_factory(B, H, Ld, Ld, D, "fwd", backend="math"),
-    }, flops(Ld * Ld, "fwd"), _auto(*q0)))
+    }, flops(Ld * Ld, "fwd"), _auto(*q0), role="dense"))
     cases.append(Case(f"causal-L{Ld}", "causal", Ld, "fwd", {
         "attnkit": _attn_factory(B, H, Ld, Ld, D, "fwd", mask=masks.causal()),
         "sdpa": _sdpa_factory(B, H, Ld, Ld, D, "fwd", is_causal=True),
-    }, flops(Ld * (Ld + 1) // 2, "fwd"), _auto(*q0, mask=masks.causal())))
+    }, flops(Ld * (Ld + 1) // 2, "fwd"), _auto(*q0, mask=masks.causal()), role="causal"))
 
-    # sliding window left = right = w
+    # sliding window left = right = w; the targets are at L_main (fwd, fwd+bwd) and L_long (fwd+bwd)
     w = 32 if quick else 128
-    lengths = [256, 512, 1024] if quick else [1024, 4096, 16384, 65536]
+    lengths = [256, 512, 1024, 4096] if quick else [1024, 4096, 16384, 65536]
+    L_main, L_long = lengths[-2], lengths[-1]
     for L in lengths:
         win = masks.window(w, w)
         qw = _qkv(1, 1, L, L, 1, grad=False)
         pairs = _pairs(win, L, L)
         for mode in ("fwd", "fwd+bwd"):
             impls = {"attnkit": _attn_factory(B, H, L, L, D, mode, mask=win)}
-            if L <= (1024 if quick else 16384):
+            if L <= L_main:
                 impls["sdpa"] = _sdpa_factory(B, H, L, L, D, mode, mask=win)
-            if L <= (512 if quick else 4096):
+            if L <= lengths[1]:
                 impls["math"] = _attn_factory(B, H, L, L, D, mode, mask=win, backend="math")
+            if L in lengths[1:3]:
+                impls["local_attention"] = anchors.local_attention_factory(B, H, L, D, w, mode)
             cid = f"window{w}-L{L}-{mode}"
-            if flex and mode == "fwd" and not quick and L in (4096, 16384):
+            if flex and not quick and mode == "fwd" and L in lengths[1:3]:
                 def mask_mod(b, h, qi, kj, w=w):
                     return (kj >= qi - w) & (kj <= qi + w)
-                impls["flex"] = _flex_factory(cid, B, H, L, D, mask_mod)
-            memory = ("attnkit", "sdpa") if (mode == "fwd+bwd" and L >= (1024 if quick else 16384)) else ()
-            memory = tuple(m for m in memory if m in impls)
+                impls["flex"] = anchors.flex_factory(cid, B, H, L, D, mask_mod)
+            memory = ()
+            if mode == "fwd+bwd" and L >= L_main:  # one child process per impl (--quick: attnkit only)
+                memory = tuple(m for m in ("attnkit", "sdpa", "local_attention") if m in impls and not
+                               (quick and m != "attnkit"))
+            role = {(L_main, "fwd"): "window_fwd", (L_main, "fwd+bwd"): "window_fwdbwd",
+                    (L_long, "fwd"): "window_fwd_long", (L_long, "fwd+bwd"): "window_fwdbwd_long"}.get((L, mode), "")
             cases.append(Case(cid, f"window{w}-{mode}", L, mode, impls, flops(pairs, mode),
-                              _auto(*qw, mask=win), memory))
+                              _auto(*qw, mask=win), memory, role=role))
 
-    # block-sparse: random 10 % of 128 x 128 tiles
+    # block-sparse: random 10 % of 128 x 128 tiles, vs dense attention (SDPA, no mask) of the same length
     Lb = 1024 if quick else 8192
     g = torch.Generator().manual_seed(0)
     nt = Lb // 128
@@ -175,60 +166,75 @@ def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
     tiles[0, 0] = True
     bmask = masks.dense(tiles.repeat_interleave(128, 0).repeat_interleave(128, 1))
     qb = _qkv(1, 1, Lb, Lb, 1, grad=False)
-    cases.append(Case(f"blocksparse10-L{Lb}", "blocksparse10", Lb, "fwd", {
-        "attnkit": _attn_factory(B, H, Lb, Lb, D, "fwd", mask=bmask),
-        "sdpa": _sdpa_factory(B, H, Lb, Lb, D, "fwd", mask=bmask),
-        "sdpa_nomask": _sdpa_factory(B, H, Lb, Lb, D, "fwd"),
-    }, flops(int(tiles.sum()) * 128 * 128, "fwd"), _auto(*qb, mask=bmask),
-        note=f"{int(tiles.sum())} of {nt * nt} tiles ({float(tiles.float().mean()):.1%})"))
+    for mode in ("fwd", "fwd+bwd"):
+        cases.append(Case(f"blocksparse10-L{Lb}-{mode}", f"blocksparse10-{mode}", Lb, mode, {
+            "attnkit": _attn_factory(B, H, Lb, Lb, D, mode, mask=bmask),
+            "sdpa": _sdpa_factory(B, H, Lb, Lb, D, mode, mask=bmask),
+            "sdpa_nomask": _sdpa_factory(B, H, Lb, Lb, D, mode),
+        }, flops(int(tiles.sum()) * 128 * 128, mode), _auto(*qb, mask=bmask),
+            note=f"{int(tiles.sum())} of {nt * nt} tiles ({float(tiles.float().mean()):.1%}); sdpa_nomask = dense",
+            role="blocksparse" if mode == "fwd" else ""))
 
-    # additive attention (Bahdanau): chunked online softmax vs the broadcast (L, S, hidden) form
-    Ba, La, hidden, Da = (2, 128, 16, 16) if quick else (1, 2048, 128, 64)
+    cases.append(_additive_case(quick))
+    cases.append(_graph_case(quick))
+    cases.extend(_linear_cases(quick, B, H, D))
+    return cases
+
+
+def _additive_case(quick: bool) -> Case:
+    """Additive (Bahdanau) attention, one head: chunked online softmax vs the broadcast (B, L, S, hidden) forms.
+
+    Forward only: the issue's line names no backward, and the broadcast forward+backward at B=4 would hold
+    about 24 GiB. One head (B, L, D): with H=8 the broadcast tensor alone would be 64 GiB.
+    """
+    Ba, La, hidden, Da = (2, 128, 16, 16) if quick else (4, 2048, 128, 64)
     ga = torch.Generator().manual_seed(1)
-    w_q, w_k, w_v = (torch.randn(hidden, Da, generator=ga) / Da**0.5, torch.randn(hidden, Da, generator=ga) / Da**0.5,
-                     torch.randn(hidden, generator=ga))
+    w_q, w_k = (torch.randn(hidden, Da, generator=ga) / Da**0.5 for _ in range(2))
+    w_v = torch.randn(hidden, generator=ga)
     add = functools.partial(scores.additive, w_q=w_q, w_k=w_k, w_v=w_v)
 
-    def add_factory(backend):
-        def make():
-            gg = torch.Generator().manual_seed(2)
-            q, k, v = (torch.randn(Ba, La, Da, generator=gg) for _ in range(3))
-            return _runner(lambda a, b, c: attention(a, b, c, score=add, backend=backend), [q, k, v], "fwd")
-        return make
-    qa = [torch.zeros(Ba, La, Da)] * 3
-    cases.append(Case(f"additive-h{hidden}-L{La}-B{Ba}", "additive", La, "fwd", {
-        "attnkit": add_factory("auto"), "math": add_factory("math"),
-    }, None, _auto(*qa, score=add), ("attnkit", "math"),
-        note="broadcast = attnkit math path (holds the (B, L, S, hidden) tensor)"))
+    def inputs():
+        gg = torch.Generator().manual_seed(2)
+        return [torch.randn(Ba, La, Da, generator=gg) for _ in range(3)]
 
-    # graph attention on a Cora-sized random graph (2708 nodes, 10556 edges), 8 heads of 8
+    def attn_factory(backend):
+        return lambda: _runner(lambda a, b, c: attention(a, b, c, score=add, backend=backend), inputs(), "fwd")
+
+    def broadcast_factory():
+        return _runner(lambda a, b, c: anchors.additive_broadcast(a, b, c, w_q, w_k, w_v), inputs(), "fwd")
+    qa = [torch.zeros(Ba, La, Da)] * 3
+    return Case(f"additive-h{hidden}-L{La}-B{Ba}-fwd", "additive", La, "fwd", {
+        "attnkit": attn_factory("auto"), "math": attn_factory("math"), "broadcast": broadcast_factory,
+    }, float(Ba * La * La * (4 * hidden + 2 * Da)), _auto(*qa, score=add), ("attnkit", "math", "broadcast"),
+        note=f"B={Ba}, one head, D={Da}, fwd; math = attnkit broadcast path, broadcast = lean (tanh in place)",
+        role="additive")
+
+
+def _graph_case(quick: bool) -> Case:
+    """Graph attention on a random graph of Cora's size, forward+backward, 8 heads of 8."""
     N, E, Hg, Dg = (200, 800, 2, 8) if quick else (2708, 10556, 8, 8)
-    gg = torch.Generator().manual_seed(3)
-    ei = torch.stack([torch.randint(0, N, (E,), generator=gg), torch.randint(0, N, (E,), generator=gg)])
+    ei = cora_sized_graph(N, E)
     gmask = masks.graph(ei, num_nodes=N)
     qg = _qkv(1, 1, N, N, 1, grad=False)
-    gimpls = {
+    return Case(f"graph-N{N}-E{E}-fwd+bwd", "graph", N, "fwd+bwd", {
         "attnkit": _attn_factory(1, Hg, N, N, Dg, "fwd+bwd", mask=gmask),
         "sdpa": _sdpa_factory(1, Hg, N, N, Dg, "fwd+bwd", mask=gmask),
-    }
-    gat = _gatconv_factory(N, ei, Hg, Dg)
-    if gat is not None:
-        gimpls["gatconv"] = gat
-    cases.append(Case(f"graph-N{N}-E{E}-fwd+bwd", "graph", N, "fwd+bwd", gimpls,
-                      flops(_pairs(gmask, N, N), "fwd+bwd", d=Dg, heads=Hg), _auto(*qg, mask=gmask),
-                      note="random graph with Cora's sizes" if not quick else "random graph"))
+        "gatconv": anchors.gatconv_factory(N, ei, Hg, Dg),
+    }, 4.0 * Hg * _pairs(gmask, N, N) * Dg * 3, _auto(*qg, mask=gmask),
+        note=f"random undirected graph, {N} nodes, {E} edges, H={Hg}, D={Dg}; gatconv = whole GATConv layer",
+        role="graph")
 
-    # linear attention (causal) vs causal SDPA, and the recurrent step's cost at the start and at the end
+
+def _linear_cases(quick: bool, B: int, H: int, D: int) -> list[Case]:
+    """Causal linear attention vs causal SDPA, and the recurrent step's cost at position L vs position 1."""
     Ll = 512 if quick else 16384
+    steps = 64
 
     def linear_factory():
         from attnkit.kernels.linear import linear_attention
 
         q, k, v = _qkv(B, H, Ll, Ll, D, grad=False)
         return _runner(lambda a, b, c: linear_attention(a, b, c, causal=True), [q, k, v], "fwd")
-    cases.append(Case(f"linear-causal-L{Ll}", "linear", Ll, "fwd", {
-        "attnkit": linear_factory, "sdpa": _sdpa_factory(B, H, Ll, Ll, D, "fwd", is_causal=True),
-    }, 4.0 * B * H * Ll * D * D, "linear", note="attnkit = linear attention (a different function)"))
 
     def step_factory(position):
         def make():
@@ -237,29 +243,38 @@ def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
             g2 = torch.Generator().manual_seed(4)
             k, v = (torch.randn(B, H, position, D, generator=g2) for _ in range(2))
             phi_k = elu_feature_map(k)
-            state = (phi_k.transpose(-1, -2) @ v, phi_k.sum(-2))  # (S, z) after `position` tokens
-            x = [torch.randn(B, H, D, generator=g2) for _ in range(3)]
-            return _runner(lambda a, b, c: linear_attention_step(a, b, c, state), x, "fwd")
+            state0 = (phi_k.transpose(-1, -2) @ v, phi_k.sum(-2))  # (S, z) after `position` tokens
+            xs = torch.randn(steps, 3, B, H, D, generator=g2)
+
+            def run():  # `steps` tokens from `position` on (one token is too short to time alone)
+                state = state0
+                with torch.no_grad():
+                    for x in xs:
+                        _, state = linear_attention_step(x[0], x[1], x[2], state)
+            return run
         return make
-    cases.append(Case(f"linear-step-L{Ll}", "linear-step", Ll, "fwd", {
-        "attnkit": step_factory(Ll), "step_at_1": step_factory(1),
-    }, None, "linear", note="recurrent form: one token with the state after L tokens vs after 1"))
-    return cases
 
+    def recurrent_vs_parallel() -> dict:
+        from attnkit.kernels.linear import linear_attention, linear_attention_step
 
-def _gatconv_factory(N, ei, H, D) -> Factory | None:
-    try:
-        from torch_geometric.nn import GATConv  # noqa: F401  (optional anchor, never a requirement)
-    except ImportError:
-        return None
+        q, k, v = _qkv(B, H, 256, 256, D, grad=False, seed=5)
+        par = linear_attention(q, k, v, causal=True)
+        state, rec = None, []
+        for t in range(q.shape[-2]):
+            o, state = linear_attention_step(q[..., t, :], k[..., t, :], v[..., t, :], state)
+            rec.append(o)
+        return {"recurrent_vs_parallel_max_abs": float((torch.stack(rec, -2) - par).abs().max()), "tokens": 256}
 
-    def make():
-        from torch_geometric.nn import GATConv
-
-        conv = GATConv(H * D, D, heads=H, add_self_loops=False)
-        x = torch.randn(N, H * D, requires_grad=True)
-        return lambda: torch.autograd.grad(conv(x, ei).sum(), [x])
-    return make
+    return [
+        Case(f"linear-causal-L{Ll}", "linear", Ll, "fwd", {
+            "attnkit": linear_factory, "sdpa": _sdpa_factory(B, H, Ll, Ll, D, "fwd", is_causal=True),
+        }, 4.0 * B * H * Ll * D * D, "linear", note="attnkit = linear attention (a different function)",
+            role="linear"),
+        Case(f"linear-step-L{Ll}", "linear-step", Ll, "fwd", {
+            "attnkit": step_factory(Ll), "step_at_1": step_factory(1),
+        }, None, "linear", note=f"recurrent form: {steps} tokens from position L vs from position 1",
+            role="linear_step", check=recurrent_vs_parallel),
+    ]
 
 
 def find_case(case_id: str, quick: bool) -> Case:

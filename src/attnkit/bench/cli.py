@@ -4,8 +4,10 @@
     attnkit bench --quick --out /tmp/b        # small sizes, seconds (what the tests run)
 
 Writes ``bench.json`` (every sample, machine facts, notes), ``bench.txt`` (the table) and ``bench.png``
-(log-log time vs L) to ``--out``, and prints the table. See :mod:`attnkit.bench.timing` for how time and
-memory are measured and :mod:`attnkit.bench.cases` for how the needed work (GFLOP/s) is counted.
+(log-log time vs L) to ``--out``, and prints the table, ending with one PASS / MISS / SKIP line per "Done when"
+target of issue 5 (:mod:`attnkit.bench.targets`, computed from this run's numbers). See
+:mod:`attnkit.bench.timing` for how time and memory are measured and :mod:`attnkit.bench.cases` for the cases
+and how the needed work (GFLOP/s) is counted.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from attnkit.bench import anchors, report, targets, timing
     from attnkit.bench import cases as _cases
-    from attnkit.bench import report, timing
 
     if args.threads < 1:
         print(f"--threads must be >= 1; got {args.threads}", file=sys.stderr)
@@ -68,11 +70,17 @@ def run(args: argparse.Namespace) -> int:
         for name, make in case.impls.items():
             try:
                 fns[name] = make()
+            except anchors.AnchorUnavailable as exc:  # optional anchor missing here: say why in the table
+                errors[name] = f"skipped: {exc}"
             except Exception as exc:  # an anchor that cannot run here is reported, not fatal
                 errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         timed = timing.interleaved_medians(fns, repeats=repeats) if fns else {}
         entry = {"id": case.id, "group": case.group, "L": case.L, "mode": case.mode, "backend": case.backend,
-                 "flops": case.flops, "note": case.note, "impls": {}}
+                 "flops": case.flops, "note": case.note, "role": case.role, "impls": {}}
+        if case.check is not None:
+            entry["check"] = case.check()
+            entry["note"] = "; ".join([case.note] + [f"{k} {v:.2g}" for k, v in entry["check"].items()
+                                                     if isinstance(v, float)])
         for name in case.impls:
             if name in errors:
                 entry["impls"][name] = {"median_s": None, "error": errors[name]}
@@ -82,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
             if case.flops:
                 r["gflops"] = case.flops / r["median_s"] / 1e9
                 r["pct_peak"] = 100.0 * r["gflops"] / peak
-            if name == "flex" and case.id in _cases.COMPILE_TIMES:
-                r["compile_s"] = _cases.COMPILE_TIMES[case.id]
+            if name == "flex" and case.id in anchors.COMPILE_TIMES:
+                r["compile_s"] = anchors.COMPILE_TIMES[case.id]
                 r["note"] = f"compile {r['compile_s']:.1f} s (not in the time)"
             if name in case.memory and not args.no_memory:
                 del fns[name]  # free this process's copy before the child runs
@@ -95,22 +103,27 @@ def run(args: argparse.Namespace) -> int:
         results.append(entry)
         fns.clear()
         print(report.format_table([entry]).split("\n", 2)[-1], flush=True)
+    verdicts = targets.evaluate(results)
     payload = {
         "machine": {"torch": torch.__version__, "threads": args.threads, "matmul_peak_gflops": peak,
                     "cpu_count": os.cpu_count(), "platform": platform.platform(), "quick": args.quick},
         "timing": "interleaved round-robin, median of repeats; warm-up call not counted unless it took > 5 s",
         "memory": "peak RSS of a fresh child process over the call (VmHWM after reset) minus RSS before it",
-        "flops": "work needed: 4*B*H*pairs*D forward (allowed pairs only), x3 for forward+backward",
+        "flops": "work needed: 4*B*H*pairs*D forward (allowed pairs only), x3 for forward+backward; "
+                 "additive B*L*S*(4*hidden + 2*Dv)",
         "wall_s": time.perf_counter() - t_start,
         "notes": notes,
+        "targets": verdicts,
         "cases": results,
     }
     report.write_json(args.out / "bench.json", payload)
-    table = report.format_table(results)
-    report.write_text(args.out / "bench.txt", table + "\n\n" + "\n".join(notes) + "\n")
+    head = (f"attnkit bench: torch {torch.__version__}, float32, {args.threads} threads, measured matmul peak "
+            f"{peak:.1f} GFLOP/s; median of interleaved repeats; t/t_attnkit > 1 = attnkit faster")
+    blocks = [head, report.format_table(results), "\n".join(f"note: {n}" for n in notes),
+              targets.format_summary(verdicts, quick=args.quick)]
+    text = "\n\n".join(b for b in blocks if b)
+    report.write_text(args.out / "bench.txt", text + "\n")
     plotted = report.write_plot(args.out / "bench.png", results)
-    print("\n" + table)
-    for n in notes:
-        print("note:", n)
+    print("\n" + text)
     print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.txt'}" + (", bench.png" if plotted else ""))
     return 0

@@ -16,7 +16,7 @@ def rows(results: list[dict]) -> list[list[str]]:
         for name, r in case["impls"].items():
             t = r.get("median_s")
             if t is None:
-                out.append([case["id"], name, "", "", "-", "-", "-", "-", "-", r.get("error", "")[:60]])
+                out.append([case["id"], name, "", "", "-", "-", "-", "-", "-", r.get("error", "")[:110]])
                 continue
             ratio = f"{t / base:.2f}" if base else "-"
             gf = f"{r['gflops']:.1f}" if r.get("gflops") is not None else "-"

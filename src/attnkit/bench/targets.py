@@ -1,0 +1,189 @@
+"""Issue 5's "Done when" lines, judged from one bench run's measured numbers: PASS, MISS or SKIP.
+
+Each target reads the cases by ``role`` (see :mod:`attnkit.bench.cases`) and compares the medians (or peak
+memories) it finds there with the issue's threshold. Nothing is hard-coded but the thresholds: a case that did
+not run (``--only``) or an anchor that could not run here gives SKIP with the reason, never PASS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+PASS, MISS, SKIP = "PASS", "MISS", "SKIP"
+
+
+class _Skip(Exception):
+    pass
+
+
+def _case(by_role: dict, role: str) -> dict:
+    if role not in by_role:
+        raise _Skip(f"case '{role}' not run")
+    return by_role[role]
+
+
+def _time(case: dict, impl: str) -> float:
+    r = case["impls"].get(impl)
+    if r is None:
+        raise _Skip(f"{impl} not in {case['id']}")
+    if r.get("median_s") is None:
+        raise _Skip(f"{impl} did not run: {r.get('error', 'no time')}")
+    return r["median_s"]
+
+
+def _memory(case: dict, impl: str) -> float:
+    r = case["impls"].get(impl) or {}
+    if r.get("peak_mb") is None:
+        raise _Skip(f"peak memory of {case['id']}/{impl} not measured")
+    return r["peak_mb"] * 2**20  # bytes
+
+
+def _faster(role: str, anchor: str, need: float) -> Callable[[dict], tuple[bool, str]]:
+    """attnkit at least ``need`` times faster than ``anchor``."""
+    def judge(by_role):
+        case = _case(by_role, role)
+        x = _time(case, anchor) / _time(case, "attnkit")
+        extra = ""
+        r = case["impls"][anchor]
+        if r.get("compile_s") is not None:
+            extra = f"; its compile {r['compile_s']:.1f} s not counted"
+        return x >= need, f"{anchor} / attnkit time = {x:.1f} (needs >= {need:g}; {case['id']}{extra})"
+    return judge
+
+
+def _dense_causal(by_role):
+    parts, ok = [], True
+    for role in ("dense", "causal"):
+        case = _case(by_role, role)
+        r = _time(case, "attnkit") / _time(case, "sdpa")
+        ok &= r <= 1.05
+        parts.append(f"{role} {r:.3f} ({case['id']})")
+    return ok, "attnkit / sdpa time: " + ", ".join(parts) + " (needs <= 1.05)"
+
+
+def _window_memory(by_role):
+    case = _case(by_role, "window_fwdbwd_long")
+    mem = _memory(case, "attnkit")
+    return mem < 2e9, f"peak {mem / 1e9:.2f} GB (needs < 2 GB; {case['id']})"
+
+
+def _window_linear(by_role):
+    long, main = _case(by_role, "window_fwdbwd_long"), _case(by_role, "window_fwdbwd")
+    r = _time(long, "attnkit") / _time(main, "attnkit")
+    return r <= 4.5, f"time L={long['L']} / L={main['L']} = {r:.2f} (needs <= 4.5; L ratio {long['L'] // main['L']})"
+
+
+def _blocksparse(by_role):
+    case = _case(by_role, "blocksparse")
+    r = _time(case, "attnkit") / _time(case, "sdpa_nomask")
+    return r <= 0.2, f"attnkit / dense (sdpa_nomask) time = {r:.3f} (needs <= 0.2; {case['id']})"
+
+
+def _broadcasts(case: dict) -> list[str]:
+    names = [n for n in ("broadcast", "math") if n in case["impls"]]
+    if not names:
+        raise _Skip(f"no broadcast anchor in {case['id']}")
+    return names
+
+
+def _additive_memory(by_role):
+    case = _case(by_role, "additive")
+    mine = _memory(case, "attnkit")
+    found = {}
+    for name in _broadcasts(case):
+        try:
+            found[name] = _memory(case, name)
+        except _Skip:
+            pass
+    if not found:
+        raise _Skip(f"peak memory of the broadcast anchors of {case['id']} not measured")
+    ratios = {n: mine / m for n, m in found.items()}
+    text = ", ".join(f"{r:.4f} x {n}'s {found[n] / 2**20:.0f} MB" for n, r in ratios.items())
+    return max(ratios.values()) <= 0.1, f"attnkit {mine / 2**20:.1f} MB = {text} (needs <= 0.1; {case['id']})"
+
+
+def _additive_time(by_role):
+    case = _case(by_role, "additive")
+    mine = _time(case, "attnkit")
+    found = {}
+    for name in _broadcasts(case):
+        try:
+            found[name] = _time(case, name)
+        except _Skip:
+            pass
+    if not found:
+        raise _Skip(f"no broadcast anchor of {case['id']} ran")
+    ratios = {n: mine / t for n, t in found.items()}
+    text = ", ".join(f"{r:.2f} ({n})" for n, r in ratios.items())
+    return max(ratios.values()) <= 1.0, f"attnkit / broadcast time = {text} (needs <= 1; {case['id']})"
+
+
+def _graph_gat(by_role):
+    case = _case(by_role, "graph")
+    r = _time(case, "attnkit") / _time(case, "gatconv")
+    return r <= 1.5, f"attnkit / gatconv time = {r:.2f} (needs <= 1.5; {case['id']})"
+
+
+def _recurrent_matches(by_role):
+    case = _case(by_role, "linear_step")
+    diff = (case.get("check") or {}).get("recurrent_vs_parallel_max_abs")
+    if diff is None:
+        raise _Skip(f"{case['id']} has no agreement check")
+    return diff <= 1e-5, (f"max |recurrent - parallel| = {diff:.1e} over {case['check'].get('tokens')} tokens "
+                          "(needs <= 1e-5)")
+
+
+def _step_flat(by_role):
+    case = _case(by_role, "linear_step")
+    r = _time(case, "attnkit") / _time(case, "step_at_1")
+    return r <= 1.25, f"step cost at position {case['L']} / at position 1 = {r:.2f} (needs <= 1.25)"
+
+
+#: (issue 5's words, judge) in the issue's order; a judge returns (ok, what was measured) or raises _Skip
+TARGETS: list[tuple[str, Callable[[dict], tuple[bool, str]] | None]] = [
+    ("dense and causal: attnkit time <= 1.05 x SDPA's", _dense_causal),
+    ("window 128 fwd L=16384: >= 1.5 x faster than FlexAttention compiled", _faster("window_fwd", "flex", 1.5)),
+    ("window 128 fwd L=16384: >= 15 x faster than SDPA with a dense boolean mask", _faster("window_fwd", "sdpa", 15)),
+    ("window 128 fwd+bwd L=16384: >= 25 x faster than SDPA's with a dense mask",
+     _faster("window_fwdbwd", "sdpa", 25)),
+    ("window 128 fwd+bwd L=65536: under 2 GB of peak memory", _window_memory),
+    ("window 128 fwd+bwd: time L=65536 / L=16384 <= 4.5", _window_linear),
+    ("block-sparse 10 % of 128x128 blocks, L=8192: time <= 0.2 x the dense time", _blocksparse),
+    ("additive L=S=2048, hidden 128, B=4: peak memory <= 0.1 x a broadcast implementation's", _additive_memory),
+    ("additive L=S=2048, hidden 128, B=4: not slower than a broadcast implementation", _additive_time),
+    ("graph (Cora-sized) fwd+bwd: <= 1.5 x PyTorch Geometric's GATConv time", _graph_gat),
+    ("graph (Cora-sized) fwd+bwd: >= 10 x faster than dense masked attention", _faster("graph", "sdpa", 10)),
+    ("linear causal L=16384: >= 5 x faster than causal SDPA", _faster("linear", "sdpa", 5)),
+    ("linear: recurrent form matches the parallel form to 1e-5", _recurrent_matches),
+    ("linear: recurrent per-token cost does not grow with position", _step_flat),
+    ("every kernel vs float64 reference, gradcheck, zero rows (tests in CI)", None),
+]
+
+
+def evaluate(results: list[dict]) -> list[dict]:
+    """One ``{"target", "verdict", "measured"}`` per issue-5 target, from the bench's case results."""
+    by_role = {c["role"]: c for c in results if c.get("role")}
+    out = []
+    for text, judge in TARGETS:
+        if judge is None:
+            out.append({"target": text, "verdict": "CI", "measured": "not a bench measurement: `make test`"})
+            continue
+        try:
+            ok, measured = judge(by_role)
+            verdict = PASS if ok else MISS
+        except _Skip as why:
+            verdict, measured = SKIP, str(why)
+        out.append({"target": text, "verdict": verdict, "measured": measured})
+    return out
+
+
+def format_summary(verdicts: list[dict], *, quick: bool = False) -> str:
+    """The PASS/MISS block printed under the table: one line per target, then the counts."""
+    width = max(len(v["target"]) for v in verdicts)
+    head = "Done when (issue 5)" + (" -- judged at --quick sizes, NOT the issue's settings" if quick else "")
+    lines = [head]
+    for v in verdicts:
+        lines.append(f"{v['verdict']:<4}  {v['target']:<{width}}  {v['measured']}")
+    counts = {k: sum(v["verdict"] == k for v in verdicts) for k in (PASS, MISS, SKIP)}
+    lines.append(f"targets: {counts[PASS]} PASS, {counts[MISS]} MISS, {counts[SKIP]} SKIP")
+    return "\n".join(lines)

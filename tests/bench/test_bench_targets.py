@@ -1,0 +1,105 @@
+"""The issue-5 PASS / MISS / SKIP summary, computed from fake bench results (no timing)."""
+
+import copy
+
+import pytest
+
+from attnkit.bench import targets
+
+
+def _case(role, cid, L=1, mode="fwd", check=None, **impls):
+    entry = {"id": cid, "role": role, "L": L, "mode": mode, "impls": {}}
+    for name, v in impls.items():
+        t, mem = v if isinstance(v, tuple) else (v, None)
+        entry["impls"][name] = {"median_s": t, "n": 3, **({"peak_mb": mem} if mem is not None else {})}
+    if check is not None:
+        entry["check"] = check
+    return entry
+
+
+def _all_pass():
+    """Numbers that meet every threshold of issue 5 (each just inside its limit)."""
+    return [
+        _case("dense", "dense-L4096", attnkit=1.04, sdpa=1.0),
+        _case("causal", "causal-L4096", attnkit=0.5, sdpa=0.5),
+        _case("window_fwd", "w-16384-fwd", L=16384, attnkit=0.1, sdpa=1.6, flex=0.16),
+        _case("window_fwdbwd", "w-16384-fb", L=16384, mode="fwd+bwd", attnkit=(0.4, 300), sdpa=(10.4, 4500)),
+        _case("window_fwdbwd_long", "w-65536-fb", L=65536, mode="fwd+bwd", attnkit=(1.79, 1800)),
+        _case("blocksparse", "bs", attnkit=0.19, sdpa_nomask=1.0, sdpa=2.0),
+        _case("additive", "add", attnkit=(0.9, 10), math=(2.0, 16000), broadcast=(1.0, 8000)),
+        _case("graph", "g", mode="fwd+bwd", attnkit=0.01, sdpa=0.2, gatconv=0.0067),
+        _case("linear", "lin", attnkit=0.2, sdpa=1.0),
+        _case("linear_step", "step", L=16384, attnkit=1.2, step_at_1=1.0,
+              check={"recurrent_vs_parallel_max_abs": 3e-7, "tokens": 256}),
+    ]
+
+
+def _verdicts(results):
+    return {v["target"]: v["verdict"] for v in targets.evaluate(results)}
+
+
+def test_one_verdict_per_done_when_line_all_pass():
+    out = targets.evaluate(_all_pass())
+    assert len(out) == len(targets.TARGETS)
+    assert [v["verdict"] for v in out[:-1]] == ["PASS"] * (len(out) - 1)
+    assert out[-1]["verdict"] == "CI"
+    text = targets.format_summary(out)
+    assert text.splitlines()[-1] == f"targets: {len(out) - 1} PASS, 0 MISS, 0 SKIP"
+    assert "needs >= 25" in text and "1.04" in text
+
+
+@pytest.mark.parametrize("role, impl, value, words", [
+    ("dense", "attnkit", 1.06, "dense and causal"),
+    ("window_fwd", "flex", 0.14, "FlexAttention"),
+    ("window_fwd", "sdpa", 1.4, "dense boolean mask"),
+    ("window_fwdbwd", "sdpa", (9.9, 4500), "fwd+bwd L=16384"),
+    ("window_fwdbwd_long", "attnkit", (1.79, 1908), "2 GB"),  # 1908 MiB = 2.0007e9 bytes
+    ("window_fwdbwd_long", "attnkit", (1.81, 1800), "L=65536 / L=16384"),
+    ("blocksparse", "attnkit", 0.21, "block-sparse"),
+    ("additive", "attnkit", (0.9, 801), "peak memory"),
+    ("additive", "attnkit", (1.01, 10), "not slower"),
+    ("graph", "gatconv", 0.0066, "GATConv"),
+    ("graph", "sdpa", 0.09, "dense masked"),
+    ("linear", "sdpa", 0.9, "causal SDPA"),
+    ("linear_step", "attnkit", 1.3, "does not grow"),
+])
+def test_each_threshold_flips_to_miss(role, impl, value, words):
+    results = copy.deepcopy(_all_pass())
+    case = next(c for c in results if c["role"] == role)
+    t, mem = value if isinstance(value, tuple) else (value, None)
+    case["impls"][impl]["median_s"] = t
+    if mem is not None:
+        case["impls"][impl]["peak_mb"] = mem
+    missed = [k for k, v in _verdicts(results).items() if v == "MISS"]
+    assert len(missed) == 1 and words in missed[0], missed
+
+
+def test_recurrent_disagreement_is_a_miss():
+    results = _all_pass()
+    results[-1]["check"]["recurrent_vs_parallel_max_abs"] = 2e-5
+    assert _verdicts(results)["linear: recurrent form matches the parallel form to 1e-5"] == "MISS"
+
+
+def test_missing_anchor_or_case_is_skip_with_the_reason():
+    results = _all_pass()
+    window = next(c for c in results if c["role"] == "window_fwd")
+    window["impls"]["flex"] = {"median_s": None, "error": "skipped: FlexAttention does not compile here: X"}
+    results = [c for c in results if c["role"] != "graph"]
+    out = {v["target"]: v for v in targets.evaluate(results)}
+    flex = out["window 128 fwd L=16384: >= 1.5 x faster than FlexAttention compiled"]
+    assert flex["verdict"] == "SKIP" and "does not compile here" in flex["measured"]
+    graph = [v for k, v in out.items() if k.startswith("graph")]
+    assert [v["verdict"] for v in graph] == ["SKIP", "SKIP"] and "not run" in graph[0]["measured"]
+    assert targets.format_summary(list(out.values())).endswith("11 PASS, 0 MISS, 3 SKIP")
+
+
+def test_additive_memory_needs_a_measured_broadcast():
+    results = _all_pass()
+    add = next(c for c in results if c["role"] == "additive")
+    for name in ("math", "broadcast"):
+        del add["impls"][name]["peak_mb"]
+    assert _verdicts(results)[targets.TARGETS[7][0]] == "SKIP"
+
+
+def test_quick_summary_says_so():
+    assert "NOT the issue's settings" in targets.format_summary(targets.evaluate([]), quick=True)
