@@ -57,3 +57,18 @@ def test_every_case_has_issue_settings_and_roles():
     assert built["blocksparse"].L == 8192 and "sdpa_nomask" in built["blocksparse"].impls
     assert built["graph"].id == "graph-N2708-E10556-fwd+bwd" and "gatconv" in built["graph"].impls
     assert built["linear"].L == 16384
+
+
+def test_flex_mask_mod_is_the_same_window():
+    """Checked with FlexAttention's eager path (the bench compiles it; compiling here would take minutes)."""
+    import warnings
+
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    w, L = 8, 256
+    block_mask = flex.create_block_mask(anchors.window_mask_mod(w), None, None, L, L, device="cpu")
+    q, k, v = anchors._qkv(1, 2, L, L, 16, grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile"
+        out = flex.flex_attention(q, k, v, block_mask=block_mask)
+    ref = attention(q, k, v, mask=masks.window(w, w), backend="math")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -75,6 +75,13 @@ def flex_factory(case_id: str, B: int, H: int, L: int, D: int, mask_mod: Callabl
     return make
 
 
+def window_mask_mod(w: int) -> Callable:
+    """FlexAttention ``mask_mod`` of ``masks.window(w, w)`` for L == S: query i sees keys i-w .. i+w."""
+    def mask_mod(b, h, qi, kj):
+        return (kj >= qi - w) & (kj <= qi + w)
+    return mask_mod
+
+
 def local_attention_factory(B: int, H: int, L: int, D: int, w: int, mode: str):
     """lucidrains' ``LocalAttention`` with ``window_size=w``, one bucket back and ahead, exact window: query i
     sees keys i-w .. i+w, the same function as ``masks.window(w, w)`` (it computes 3 buckets of w keys)."""

@@ -146,9 +146,7 @@ def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
                 impls["local_attention"] = anchors.local_attention_factory(B, H, L, D, w, mode)
             cid = f"window{w}-L{L}-{mode}"
             if flex and not quick and mode == "fwd" and L in lengths[1:3]:
-                def mask_mod(b, h, qi, kj, w=w):
-                    return (kj >= qi - w) & (kj <= qi + w)
-                impls["flex"] = anchors.flex_factory(cid, B, H, L, D, mask_mod)
+                impls["flex"] = anchors.flex_factory(cid, B, H, L, D, anchors.window_mask_mod(w))
             memory = ()
             if mode == "fwd+bwd" and L >= L_main:  # one child process per impl (--quick: attnkit only)
                 memory = tuple(m for m in ("attnkit", "sdpa", "local_attention") if m in impls and not

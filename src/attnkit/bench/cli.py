@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
             except anchors.AnchorUnavailable as exc:  # optional anchor missing here: say why in the table
                 errors[name] = f"skipped: {exc}"
             except Exception as exc:  # an anchor that cannot run here is reported, not fatal
-                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                errors[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         timed = timing.interleaved_medians(fns, repeats=repeats) if fns else {}
         entry = {"id": case.id, "group": case.group, "L": case.L, "mode": case.mode, "backend": case.backend,
                  "flops": case.flops, "note": case.note, "role": case.role, "impls": {}}
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         for name in case.impls:
             if name in errors:
                 entry["impls"][name] = {"median_s": None, "error": errors[name]}
-                notes.append(f"{case.id}/{name} skipped: {errors[name]}")
+                notes.append(f"{case.id}/{name}: {errors[name]}")
                 continue
             r = dict(timed[name])
             if case.flops:
