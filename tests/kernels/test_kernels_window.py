@@ -155,3 +155,61 @@ def test_blocksparse_sees_in_place_edits_of_a_dense_mask():
     t[:, 20:] = True  # the mask changes in place: the cached tiles must not be reused
     out = blocksparse_attention(q, k, v, m, block=8)
     _close(out, masked_softmax_attention_ref(q, k, v, t)[0])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_window_nonfinite_key_outside_band_does_not_leak(bad):
+    # key 30 lies in the tiles of rows 24..39 (block 8) but only rows 28..32 may attend to it: its +-inf / NaN
+    # score must reach those rows only (masking a key equals deleting it), forward and backward
+    L = S = 64
+    q, k, v = _qkv(B=1, H=2, L=L, S=S, D=4, Dv=3, dtype=torch.float64)
+    sees = band_mask(L, S, 2, 2)[:, 30]  # (L,) rows whose band holds key 30
+    assert sees.any() and not sees.all()
+    near = band_mask(L, S, 2, 2)[sees].any(0)  # (S,) keys sharing a row with key 30
+    g = torch.randn(1, 2, L, 3, dtype=torch.float64)
+    runs = []
+    for val in (bad, 0.0):
+        k2 = k.clone()
+        k2[..., 30, :] = val
+        ins = [t.clone().requires_grad_(True) for t in (q, k2, v)]
+        out = window_attention(*ins, left=2, right=2, block=8)
+        (out.nan_to_num(0.0) * g).sum().backward()
+        runs.append((out.detach(), ins[1].grad, ins[2].grad))
+    (out_bad, dk_bad, dv_bad), (out_ok, dk_ok, dv_ok) = runs
+    assert torch.isfinite(out_bad[..., ~sees, :]).all()
+    torch.testing.assert_close(out_bad[..., ~sees, :], out_ok[..., ~sees, :], rtol=1e-12, atol=1e-12)
+    for a, b in ((dk_bad, dk_ok), (dv_bad, dv_ok)):
+        assert torch.isfinite(a[..., ~near, :]).all()
+        torch.testing.assert_close(a[..., ~near, :], b[..., ~near, :], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("budget", [1, 8 * 24, 1 << 20])  # one tile per step, a few tiles, everything at once
+@pytest.mark.parametrize("L,S,left,right", [(70, 70, 5, 3), (61, 77, 9, 0), (77, 61, 0, 6), (64, 64, 16, 16)])
+def test_window_steps_and_ends_match_reference_with_gradients(monkeypatch, budget, L, S, left, right):
+    # interior blocks (strided key views), padded blocks at both ends and step boundaries all agree with the
+    # float64 reference, output and gradients
+    import attnkit.kernels.window as win
+
+    monkeypatch.setattr(win, "_BUDGET", budget)
+    q, k, v = _qkv(B=2, H=2, L=L, S=S, D=4, Dv=3, dtype=torch.float64, scale=2.0)
+    band = band_mask(L, S, left, right)
+    assert band.any() and not band.all()
+    g = torch.randn(2, 2, L, 3, dtype=torch.float64)
+    grads = []
+    for fn in (lambda a, b, c: window_attention(a, b, c, left=left, right=right, block=8),
+               lambda a, b, c: masked_softmax_attention_ref(a, b, c, band)[0]):
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*ins)
+        (out * g).sum().backward()
+        grads.append([out.detach()] + [t.grad for t in ins])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_window_no_grad_forward_equals_grad_forward_float32():
+    q, k, v = _qkv(B=1, H=3, L=200, S=200, D=16, Dv=16)
+    with torch.no_grad():
+        a = window_attention(q, k, v, left=20, right=20, block=16)
+    b = window_attention(q.requires_grad_(True), k, v, left=20, right=20, block=16)
+    torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    _close(a, masked_softmax_attention_ref(q.detach(), k, v, band_mask(200, 200, 20, 20))[0])

@@ -1,27 +1,34 @@
-"""Sliding-window (truncated) softmax attention: each query block reads a few aligned key blocks, no gather.
+"""Sliding-window (truncated) softmax attention: each query block reads one strided span of keys, no gather.
 
 Query ``i`` may attend to keys ``j`` with ``i' - left <= j <= i' + right``, ``i' = i + S - L`` (bottom-right
 aligned, widths inclusive, as ``attnkit.masks.window``; ``right=0`` is causal-window attention). The queries are
-cut into blocks of ``Bq`` rows. Padding the keys in front so that every block's first needed key starts a key
-block, block ``b`` needs exactly the ``m = ceil((Bq + left + right) / Bq)`` consecutive key blocks
-``b + t0 .. b + t0 + m - 1``; so for each offset ``t`` one batched matmul of *contiguous* views
+cut into blocks of ``Bq`` rows; block ``b`` needs the ``Kw = m * Bq >= Bq + left + right`` keys from
+``b * Bq + c`` on (``c = S - L - left``). These spans overlap with a fixed stride, so for a run of blocks they
+are one ``as_strided`` view of the keys (no copy), and one batched matmul per step gives every score tile:
 
-    S[t] = (scale Q_b) K_{b + t0 + t}^T          for all query blocks b at once       (m, N, blocks, Bq, Bq)
+    S_b = scale Q_b K_{span b}^T                          (tiles, Bq, Kw)
+    P_b = softmax(S_b masked to the band)   ;   O_b = P_b V_{span b}
 
-gives every score tile without copying keys. The band's edges are one shared ``(m, Bq, Bq)`` mask; only the
-few blocks at the sequence ends get their own mask. Softmax runs over ``(t, column)``; ``O_b = sum_t P[t] V_{b+t0+t}``.
-Work and memory are O(L * (Bq + left + right)); nothing is L x S.
+The band (row ``r`` of a tile keeps columns ``r .. r + left + right``) is one shared ``(Bq, Kw)`` mask touching
+only the first and last column ranges; the fused ``torch.softmax`` does max, exp, sum and normalisation in one
+pass over a tile that is still in cache. Only the few blocks at the sequence ends (keys outside ``[0, S)`` or a
+partial query block) are copied with zero padding and masked in full. Work and memory are
+O(L * (Bq + left + right)); nothing is L x S.
 
-Backward (custom autograd) recomputes P = exp(S - lse) from the saved log-sum-exp, block by block:
+Masked scores: a 0 / -inf bias is added when every score is provably finite (``D max|q| max|k| scale``
+bounded); otherwise (inf or NaN in q or k) ``where`` is used, so a non-finite key reaches only the rows that
+may attend to it. A row with no allowed key gives zero output and zero gradients.
 
-    dV_{b+t} += P[t]^T dO_b ;  dS[t] = P[t] (dO_b V_{b+t}^T - rowsum(dO * O)) ;  dQ_b = scale sum_t dS[t] K_{b+t}
-    dK_{b+t} += dS[t]^T (scale Q_b)
+Backward (custom autograd) recomputes P with the same steps (nothing of size L x window is saved):
 
-Float32 accumulation for half inputs; rows whose band misses ``[0, S)`` give zero output and zero gradients.
-Weights (``return_weights``) are rebuilt from the lse on the same tiles (:func:`blocksparse.weights_from_lse`).
+    dP = dO V_{span}^T ;  dS = P (dP - rowsum(dO * O)) ;  dQ_b = scale dS K_{span} ;
+    dK_{span} += scale dS^T Q_b ;  dV_{span} += P^T dO_b       (spans accumulated by Bq-row sub-block)
+
+Float32 accumulation for half inputs. Weights (``return_weights``) are rebuilt from the log-sum-exp on the same
+tiles (:func:`blocksparse.weights_from_lse`).
 
 Shape letters: ``*b`` batch dims flattened to N, L queries, S keys, D head dim, Dv value dim, Bq rows per block,
-m key blocks per query block.
+Kw keys per tile, m = Kw / Bq key sub-blocks per tile, nt tiles per step.
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit import masks as _masks
@@ -61,175 +67,284 @@ def window_plan(L: int, S: int, left: int, right: int, *, block: int = 64, devic
     return Plan(L, S, block, [Group(torch.arange(nbq, device=device), kj.clamp(0, max(S - 1, 0)), allowed)])
 
 
-_BUDGET = 1 << 24  # score elements per step (m x N x blocks x Bq x Bq)
+_BUDGET = 1 << 19  # score elements per step (tiles x Bq x Kw): a few MB, so the passes over a step hit the cache
 
 
 class _Geometry:
-    """Block layout of a window problem (see the module docstring)."""
+    """Tile layout of a window problem with ``N`` heads (see the module docstring).
 
-    def __init__(self, L: int, S: int, left: int, right: int, Bq: int):
-        self.L, self.S, self.left, self.right, self.Bq = L, S, left, right, Bq
+    Query block ``b`` reads the ``Kw = m * Bq`` keys from ``b * Bq + c`` on (``c = S - L - left``). Interior
+    blocks (whole query block, key span inside ``[0, S)``) read strided views of the keys themselves; the few
+    blocks at the ends form *padded* regions whose spans are copied with zero padding and masked in full.
+    """
+
+    def __init__(self, L: int, S: int, left: int, right: int, Bq: int, device=None):
+        self.L, self.S, self.Bq = L, S, Bq
         self.nbq = -(-L // Bq)
-        c = S - L - left  # first key needed by query 0
-        self.t0 = -(-max(c, 0) // Bq)  # key block (in padded keys) where query block 0 starts
-        self.pad_front = self.t0 * Bq - c  # zeros in front of the keys: >= 0 and aligns every block start
-        self.m = -(-(Bq + left + right) // Bq)
-        self.nbk = self.nbq + self.t0 + self.m - 1  # key blocks in the padded keys
-        self.pad_back = self.nbk * Bq - self.pad_front - S
-        if self.pad_back < 0:  # keys beyond every block's reach are cut off
-            self.nbk = -(-(self.pad_front + S) // Bq)
-            self.pad_back = self.nbk * Bq - self.pad_front - S
-        # band in tile coordinates: query row r of a block, key column t*Bq + c of its span (relative key
-        # index rel = t*Bq + c - r must lie in [0, left + right])
-        r = torch.arange(Bq).view(1, Bq, 1)
-        col = (torch.arange(self.m) * Bq).view(self.m, 1, 1) + torch.arange(Bq).view(1, 1, Bq)
-        rel = col - r  # (m, Bq, Bq)
-        self.band = (rel >= 0) & (rel <= left + right)  # (m, Bq, Bq)
-        # blocks touching the sequence ends (keys outside [0, S) or queries >= L) need their own mask
-        b = torch.arange(self.nbq)
-        first = b * Bq + c  # first key of each block's span (unpadded index)
-        last = first + self.m * Bq - 1
-        self.edge = torch.nonzero((first < 0) | (last >= S) | ((b + 1) * Bq > L)).flatten()  # (ne,)
-        if self.edge.numel():
-            kj = first[self.edge].view(-1, 1, 1, 1) + col.unsqueeze(0)  # (ne, m, 1, Bq)
-            qi = (self.edge * Bq).view(-1, 1, 1, 1) + r.unsqueeze(0)  # (ne, 1, Bq, 1)
-            ok = (kj >= 0) & (kj < S) & (qi < L) & self.band.unsqueeze(0)  # (ne, m, Bq, Bq)
-            self.edge_ok = ok.transpose(0, 1)  # (m, ne, Bq, Bq)
+        self.c = S - L - left  # key under column 0 of query block 0
+        self.m = -(-(Bq + left + right) // Bq)  # key sub-blocks of Bq per tile
+        self.Kw = self.m * Bq
+        r = torch.arange(Bq, device=device).view(Bq, 1)
+        col = torch.arange(self.Kw, device=device).view(1, self.Kw)
+        rel = col - r  # (Bq, Kw): key offset from the row's first allowed key
+        self.band = (rel >= 0) & (rel <= left + right)  # (Bq, Kw)
+        # columns outside the band for some row: [0, a) and [z, Kw); the columns between are inside for all rows
+        inside = self.band.all(0).tolist()
+        a = inside.index(True) if True in inside else self.Kw
+        z = self.Kw - inside[::-1].index(True) if True in inside else self.Kw
+        self.cuts = [(u, w) for u, w in ((0, a), (z, self.Kw)) if w > u]
+        # interior blocks: span inside [0, S) and all Bq query rows < L
+        lo = max(0, -(self.c // Bq))
+        hi = min((S - self.c - self.Kw) // Bq + 1, L // Bq)
+        if lo < hi:
+            self.interior = (lo, hi)
+            self.padded = [(u, w) for u, w in ((0, lo), (hi, self.nbq)) if w > u]
         else:
-            self.edge_ok = None
+            self.interior = None
+            self.padded = [(0, self.nbq)] if self.nbq else []
+        self._consts: dict = {}
 
-    def steps(self, N: int):
-        step = max(1, _BUDGET // (self.m * N * self.Bq * self.Bq))
-        for b0 in range(0, self.nbq, step):
-            yield b0, min(self.nbq, b0 + step)
+    def tiles_per_step(self) -> int:
+        return max(1, _BUDGET // (self.Bq * self.Kw))
 
-    def scores(self, qs: Tensor, kp: Tensor, b0: int, b1: int) -> Tensor:
-        """Masked scores of query blocks [b0, b1): (m, nc, N, Bq, Bq), -inf outside the band.
+    def allowed(self, b0: int, b1: int) -> Tensor:
+        """Full "may attend" of query blocks [b0, b1): band, keys inside [0, S), queries < L. (nb, Bq, Kw)"""
+        dev = self.band.device
+        b = torch.arange(b0, b1, device=dev).view(-1, 1, 1)
+        kj = b * self.Bq + self.c + torch.arange(self.Kw, device=dev).view(1, 1, -1)  # (nb, 1, Kw)
+        qi = b * self.Bq + torch.arange(self.Bq, device=dev).view(1, -1, 1)  # (nb, Bq, 1)
+        return self.band & (kj >= 0) & (kj < self.S) & (qi < self.L)
 
-        Blocks-first layout: ``qs`` (nbq, N, Bq, D), ``kp`` (nbk, N, Bq, D), so every slice of blocks is one
-        contiguous batch for ``bmm`` (no copies).
+    def _const(self, like: Tensor):
+        key = (like.dtype, like.device)
+        if key not in self._consts:
+            band = self.band.to(like.device)
+            self._consts[key] = (
+                [(u, w, band[:, u:w], torch.zeros(self.Bq, w - u, dtype=like.dtype, device=like.device)
+                  .masked_fill_(~band[:, u:w], float("-inf"))) for u, w in self.cuts],
+                torch.tensor(float("-inf"), dtype=like.dtype, device=like.device),
+                torch.tensor(0.0, dtype=like.dtype, device=like.device),
+            )
+        return self._consts[key]
+
+    def mask(self, s: Tensor, ok: Tensor | None, exact: bool) -> None:
+        """Scores outside the allowed set -> -inf, in place. ``s`` (nt, Bq, Kw); ``ok`` (nt, Bq, Kw) or None.
+
+        Interior tiles add a 0 / -inf bias on the two edge column ranges (several times faster than ``where``);
+        that is exact only when no score is +-inf or NaN, so ``exact=True`` (scores may not be finite) selects
+        ``where``, which never lets a masked score reach the softmax.
         """
-        nc, N, Bq, D = b1 - b0, qs.shape[1], self.Bq, qs.shape[-1]
-        if self.band.device != qs.device:  # built on the CPU; move once
-            self.band, self.edge = self.band.to(qs.device), self.edge.to(qs.device)
-            self.edge_ok = None if self.edge_ok is None else self.edge_ok.to(qs.device)
-        s = qs.new_empty(self.m, nc, N, Bq, Bq)
-        qb = qs[b0:b1].view(nc * N, Bq, D)
-        for t in range(self.m):
-            kb = kp[b0 + self.t0 + t : b1 + self.t0 + t].view(nc * N, Bq, D)  # contiguous key blocks
-            torch.bmm(qb, kb.transpose(1, 2), out=s[t].view(nc * N, Bq, Bq))  # S[t] = (scale Q_b) K^T
-        if getattr(self, "outside", None) is None or self.outside.device != qs.device or \
-                self.outside.dtype != s.dtype:
-            # additive 0 / -inf band: a broadcast add is several times faster than a broadcast masked_fill
-            self.outside = torch.zeros(self.m, 1, 1, Bq, Bq, dtype=s.dtype, device=s.device).masked_fill_(
-                ~self.band.view(self.m, 1, 1, Bq, Bq), float("-inf"))
-        s.add_(self.outside)
-        if self.edge_ok is not None:
-            sel = (self.edge >= b0) & (self.edge < b1)
-            if bool(sel.any()):
-                local = self.edge[sel] - b0
-                s[:, local] = s[:, local].masked_fill(~self.edge_ok[:, sel].unsqueeze(2), float("-inf"))
-        return s
-
-
-def _prep(x: Tensor, N: int, acc: torch.dtype) -> Tensor:
-    return x.reshape(N, *x.shape[-2:]).to(acc)
-
-
-def _blocks(x: Tensor, front: int, back: int, nb: int, Bq: int) -> Tensor:
-    """(N, n, d) -> zero-padded, blocks-first (nb, N, Bq, d), contiguous."""
-    N, _, d = x.shape
-    return F.pad(x, (0, 0, front, back)).view(N, nb, Bq, d).transpose(0, 1).contiguous()
-
-
-def _unblocks(x: Tensor, start: int, n: int) -> Tensor:
-    """(nb, N, Bq, d) -> (N, n, d) rows [start, start + n)."""
-    nb, N, Bq, d = x.shape
-    return x.transpose(0, 1).reshape(N, nb * Bq, d)[:, start : start + n]
-
-
-def _window_forward(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float):
-    N, L, D = q.shape
-    Bq, t0 = geo.Bq, geo.t0
-    qs = _blocks(q * scale, 0, geo.nbq * Bq - L, geo.nbq, Bq)  # (nbq, N, Bq, D)
-    kp = _blocks(k, geo.pad_front, geo.pad_back, geo.nbk, Bq)  # (nbk, N, Bq, D)
-    vp = _blocks(v, geo.pad_front, geo.pad_back, geo.nbk, Bq)  # (nbk, N, Bq, Dv)
-    Dv = vp.shape[-1]
-    out = q.new_empty(geo.nbq, N, Bq, Dv)
-    lse = q.new_empty(geo.nbq, N, Bq)
-    for b0, b1 in geo.steps(N):
-        nc = b1 - b0
-        s = geo.scores(qs, kp, b0, b1)  # (m, nc, N, Bq, Bq)
-        mx = s.amax(dim=(0, -1))  # (nc, N, Bq)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = s.sub_(mx.unsqueeze(-1)).exp_()  # (m, nc, N, Bq, Bq)
-        l = p.sum(dim=(0, -1))  # (nc, N, Bq)
-        o = out[b0:b1].view(nc * N, Bq, Dv)
-        for t in range(geo.m):  # O_b = sum_t P[t] V_{b+t0+t}
-            vb = vp[b0 + t0 + t : b1 + t0 + t].view(nc * N, Bq, Dv)
-            if t == 0:
-                torch.bmm(p[t].view(nc * N, Bq, Bq), vb, out=o)
+        cuts, ninf, _ = self._const(s)
+        if ok is not None:
+            torch.where(ok, s, ninf, out=s)
+            return
+        for u, w, band, bias in cuts:
+            if exact:
+                torch.where(band, s[..., u:w], ninf, out=s[..., u:w])
             else:
-                o.baddbmm_(p[t].view(nc * N, Bq, Bq), vb)
-        out[b0:b1].div_(torch.where(l > 0, l, torch.ones_like(l)).unsqueeze(-1))
-        lse[b0:b1] = torch.where(l > 0, mx + torch.log(l), torch.full_like(l, float("-inf")))
-    return _unblocks(out, 0, L), _unblocks(lse.unsqueeze(-1), 0, L).squeeze(-1)
+                s[..., u:w].add_(bias)
+
+    def clear(self, p: Tensor, ok: Tensor | None, exact: bool) -> None:
+        """Exact zeros at every masked position (also rows with no allowed key, whose softmax is NaN)."""
+        cuts, _, zero = self._const(p)
+        if ok is not None:
+            torch.where(ok, p, zero, out=p)
+        elif exact:
+            for u, w, band, _ in cuts:
+                torch.where(band, p[..., u:w], zero, out=p[..., u:w])
 
 
-def _window_backward(q, k, v, out, lse, dout, geo: _Geometry, scale: float):
+def _span(x: Tensor, first: int, n: int, Bq: int, Kw: int) -> Tensor:
+    """Overlapping key spans of ``n`` blocks of a (rows, d) tensor: span i = rows first + i*Bq .. + Kw. (n, Kw, d)"""
+    d = x.shape[-1]
+    return x.as_strided((n, Kw, d), (Bq * d, d, 1), x.storage_offset() + first * d)
+
+
+def _padded_tiles(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, b0: int, b1: int):
+    """Query tiles and zero-padded key/value spans of blocks [b0, b1) of every head.
+
+    Returns qt (N*nb, Bq, D), kt (N*nb, Kw, D), vt (N*nb, Kw, Dv), the key range [k0, k1) they hold, and the
+    padded key buffers' first key ``kfirst``.
+    """
     N, L, D = q.shape
-    S, Bq, t0 = k.shape[1], geo.Bq, geo.t0
-    pad_q = geo.nbq * Bq - L
-    qs = _blocks(q * scale, 0, pad_q, geo.nbq, Bq)  # (nbq, N, Bq, D)
-    kp = _blocks(k, geo.pad_front, geo.pad_back, geo.nbk, Bq)  # (nbk, N, Bq, D)
-    vp = _blocks(v, geo.pad_front, geo.pad_back, geo.nbk, Bq)  # (nbk, N, Bq, Dv)
-    dop = _blocks(dout, 0, pad_q, geo.nbq, Bq)  # (nbq, N, Bq, Dv)
-    Dv = vp.shape[-1]
-    # delta_i = sum_d dO_id O_id
-    delta = _blocks((dout * out).sum(-1, keepdim=True), 0, pad_q, geo.nbq, Bq)  # (nbq, N, Bq, 1)
-    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # empty rows: P = 0
-    lse_p = _blocks(lse.unsqueeze(-1), 0, pad_q, geo.nbq, Bq)  # (nbq, N, Bq, 1); padded rows 0: s = -inf
-    dq = torch.empty_like(qs)
-    dkp = torch.zeros_like(kp)
-    dvp = torch.zeros_like(vp)
-    for b0, b1 in geo.steps(N):
-        nc = b1 - b0
-        s = geo.scores(qs, kp, b0, b1)
-        p = s.sub_(lse_p[b0:b1]).exp_()  # P = exp(S - lse)  (m, nc, N, Bq, Bq)
-        dob = dop[b0:b1].view(nc * N, Bq, Dv)
-        qb = qs[b0:b1].view(nc * N, Bq, D)
-        dqb = dq[b0:b1].view(nc * N, Bq, D)
-        dlt = delta[b0:b1].view(nc * N, Bq, 1)
-        for t in range(geo.m):
-            sl = slice(b0 + t0 + t, b1 + t0 + t)
-            pt = p[t].view(nc * N, Bq, Bq)
-            # dV_{b+t} += P[t]^T dO_b
-            dvp[sl].view(nc * N, Bq, Dv).baddbmm_(pt.transpose(1, 2), dob)
-            # dS[t] = P[t] * (dO_b V^T - delta)
-            ds = torch.bmm(dob, vp[sl].view(nc * N, Bq, Dv).transpose(1, 2)).sub_(dlt).mul_(pt)
-            if t == 0:
-                torch.bmm(ds, kp[sl].view(nc * N, Bq, D), out=dqb)  # dQ_b = sum_t dS[t] K (x scale below)
-            else:
-                dqb.baddbmm_(ds, kp[sl].view(nc * N, Bq, D))
-            dkp[sl].view(nc * N, Bq, D).baddbmm_(ds.transpose(1, 2), qb)  # dK += dS^T (scale Q)
-    dq = _unblocks(dq, 0, L).mul_(scale)
-    return dq, _unblocks(dkp, geo.pad_front, S), _unblocks(dvp, geo.pad_front, S)
+    S, Bq, Kw, m = k.shape[1], geo.Bq, geo.Kw, geo.m
+    nb = b1 - b0
+    qt = q.new_zeros(N, nb * Bq, D)
+    qt[:, : min(L, b1 * Bq) - b0 * Bq] = q[:, b0 * Bq : b1 * Bq]
+    kfirst = b0 * Bq + geo.c  # key under the first padded row
+    rows = (nb + m - 1) * Bq
+    k0, k1 = max(0, kfirst), min(S, kfirst + rows)
+    kp = k.new_zeros(N, rows, D)
+    vp = v.new_zeros(N, rows, v.shape[-1])
+    if k1 > k0:
+        kp[:, k0 - kfirst : k1 - kfirst] = k[:, k0:k1]
+        vp[:, k0 - kfirst : k1 - kfirst] = v[:, k0:k1]
+
+    def spans(x):  # (N, rows, d) -> (N*nb, Kw, d)
+        d = x.shape[-1]
+        return x.as_strided((N, nb, Kw, d), (rows * d, Bq * d, d, 1)).reshape(N * nb, Kw, d)
+
+    return qt.view(N * nb, Bq, D), spans(kp), spans(vp), (k0, k1), kfirst
+
+
+def _fold(t: Tensor, N: int, nb: int, geo: _Geometry) -> Tensor:
+    """Sum overlapping span gradients (N*nb, Kw, d) into padded key rows (N, (nb + m - 1) * Bq, d)."""
+    d, Bq, m = t.shape[-1], geo.Bq, geo.m
+    acc = t.new_zeros(N, nb + m - 1, Bq, d)
+    parts = t.view(N, nb, m, Bq, d)
+    for j in range(m):
+        acc[:, j : j + nb] += parts[:, :, j]
+    return acc.view(N, (nb + m - 1) * Bq, d)
+
+
+def _ranges(n: int, step: int):
+    for a in range(0, n, step):
+        yield a, min(n, a + step)
+
+
+def _window_forward(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float, exact: bool, want_lse: bool):
+    """out (N, L, Dv) and, if ``want_lse``, the log-sum-exp (N, L) (else None)."""
+    N, L, D = q.shape
+    Bq, Kw, Dv = geo.Bq, geo.Kw, v.shape[-1]
+    step = geo.tiles_per_step()
+    lpad = geo.nbq * Bq
+    out = q.new_empty(N, lpad, Dv)
+    lse = q.new_empty(N, lpad) if want_lse else None
+    scratch = q.new_empty(step, Bq, Kw)
+
+    def tile(qb, kb, vb, ob, ok, lb):  # one step: S = scale Q K^T -> P = softmax -> O = P V
+        s = scratch[: qb.shape[0]]
+        s.baddbmm_(qb, kb.transpose(1, 2), beta=0, alpha=scale)  # (nt, Bq, Kw)
+        geo.mask(s, ok, exact)
+        mx = s.amax(-1) if lb is not None else None  # (nt, Bq)
+        torch.softmax(s, -1, out=s)  # P
+        geo.clear(s, ok, exact)
+        if lb is not None:  # lse = max + log sum exp(S - max) = max - log(max P)
+            pm = s.amax(-1)
+            lb.copy_(torch.where(pm > 0, mx - torch.log(pm), torch.full_like(pm, float("-inf"))))
+        torch.bmm(s, vb, out=ob)
+
+    if geo.interior is not None:
+        lo, hi = geo.interior
+        for n in range(N):
+            for b0, b1 in _ranges(hi - lo, step):
+                b0, b1 = b0 + lo, b1 + lo
+                nt = b1 - b0
+                tile(q[n, b0 * Bq : b1 * Bq].view(nt, Bq, D), _span(k[n], b0 * Bq + geo.c, nt, Bq, Kw),
+                     _span(v[n], b0 * Bq + geo.c, nt, Bq, Kw), out[n, b0 * Bq : b1 * Bq].view(nt, Bq, Dv), None,
+                     None if lse is None else lse[n, b0 * Bq : b1 * Bq].view(nt, Bq))
+    for r0, r1 in geo.padded:
+        nb = r1 - r0
+        qt, kt, vt, _, _ = _padded_tiles(q, k, v, geo, r0, r1)
+        ok = geo.allowed(r0, r1)  # (nb, Bq, Kw)
+        ot = q.new_empty(N * nb, Bq, Dv)
+        lt = q.new_empty(N * nb, Bq) if want_lse else None
+        for i0, i1 in _ranges(N * nb, step):
+            okb = ok[torch.arange(i0, i1, device=ok.device) % nb]
+            tile(qt[i0:i1], kt[i0:i1], vt[i0:i1], ot[i0:i1], okb, None if lt is None else lt[i0:i1])
+        out[:, r0 * Bq : r1 * Bq] = ot.view(N, nb * Bq, Dv)
+        if lse is not None:
+            lse[:, r0 * Bq : r1 * Bq] = lt.view(N, nb * Bq)
+    if lpad != L:
+        out = out[:, :L].contiguous()
+        lse = None if lse is None else lse[:, :L].contiguous()
+    return out, lse
+
+
+def _window_backward(q, k, v, out, dout, geo: _Geometry, scale: float, exact: bool):
+    """dq, dk, dv. Recomputes P tile by tile with the forward's own steps (no lse or P is saved):
+
+    dP = dO V^T ;  dS = P (dP - rowsum(dO * O)) ;  dQ = scale dS K ;  dK += scale dS^T Q ;  dV += P^T dO
+    """
+    N, L, D = q.shape
+    Bq, Kw, m, Dv = geo.Bq, geo.Kw, geo.m, v.shape[-1]
+    step = geo.tiles_per_step()
+    delta = (dout * out).sum(-1)  # (N, L): rowsum(dO * O)
+    # a non-finite dO or O would turn the exact zeros of masked P into NaN in dS: clear them with where
+    exact = exact or not bool(torch.isfinite(delta).all())
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    s_buf = q.new_empty(step, Bq, Kw)
+    ds_buf = q.new_empty(step, Bq, Kw)
+
+    def tile(qb, kb, vb, dob, dlt, ok):  # -> P, dS (nt, Bq, Kw); writes nothing else
+        nt = qb.shape[0]
+        p, ds = s_buf[:nt], ds_buf[:nt]
+        p.baddbmm_(qb, kb.transpose(1, 2), beta=0, alpha=scale)
+        geo.mask(p, ok, exact)
+        torch.softmax(p, -1, out=p)
+        geo.clear(p, ok, exact)
+        torch.bmm(dob, vb.transpose(1, 2), out=ds)  # dP = dO V^T
+        ds.sub_(dlt).mul_(p)  # dS = P (dP - delta)
+        geo.clear(ds, ok, exact)
+        return p, ds
+
+    if geo.interior is not None:
+        lo, hi = geo.interior
+        for n in range(N):
+            for b0, b1 in _ranges(hi - lo, step):
+                b0, b1 = b0 + lo, b1 + lo
+                nt, rows, kf = b1 - b0, slice(b0 * Bq, b1 * Bq), b0 * Bq + geo.c
+                qb = q[n, rows].view(nt, Bq, D)
+                dob = dout[n, rows].view(nt, Bq, Dv)
+                kb = _span(k[n], kf, nt, Bq, Kw)
+                p, ds = tile(qb, kb, _span(v[n], kf, nt, Bq, Kw), dob, delta[n, rows].view(nt, Bq, 1), None)
+                dq[n, rows].view(nt, Bq, D).baddbmm_(ds, kb, beta=0, alpha=scale)  # dQ = scale dS K
+                for j in range(m):  # key sub-block j of every tile: distinct rows within one call
+                    kr = slice(kf + j * Bq, kf + (j + nt) * Bq)
+                    cols = slice(j * Bq, (j + 1) * Bq)
+                    dv[n, kr].view(nt, Bq, Dv).baddbmm_(p[:, :, cols].transpose(1, 2), dob)  # dV += P^T dO
+                    dk[n, kr].view(nt, Bq, D).baddbmm_(ds[:, :, cols].transpose(1, 2), qb, alpha=scale)
+    for r0, r1 in geo.padded:
+        nb = r1 - r0
+        qt, kt, vt, (k0, k1), kfirst = _padded_tiles(q, k, v, geo, r0, r1)
+        zero_pad = dout.new_zeros(N, nb * Bq - (min(L, r1 * Bq) - r0 * Bq), Dv)
+        dot = torch.cat([dout[:, r0 * Bq : r1 * Bq], zero_pad], 1).view(N * nb, Bq, Dv)
+        dlt = torch.cat([delta[:, r0 * Bq : r1 * Bq], zero_pad[..., 0]], 1).view(N * nb, Bq, 1)
+        ok = geo.allowed(r0, r1)
+        dqt = q.new_empty(N * nb, Bq, D)
+        dkt = q.new_empty(N * nb, Kw, D)
+        dvt = q.new_empty(N * nb, Kw, Dv)
+        for i0, i1 in _ranges(N * nb, step):
+            okb = ok[torch.arange(i0, i1, device=ok.device) % nb]
+            p, ds = tile(qt[i0:i1], kt[i0:i1], vt[i0:i1], dot[i0:i1], dlt[i0:i1], okb)
+            dqt[i0:i1].baddbmm_(ds, kt[i0:i1], beta=0, alpha=scale)
+            dkt[i0:i1].baddbmm_(ds.transpose(1, 2), qt[i0:i1], beta=0, alpha=scale)
+            torch.bmm(p.transpose(1, 2), dot[i0:i1], out=dvt[i0:i1])
+        dq[:, r0 * Bq : min(L, r1 * Bq)] = dqt.view(N, nb * Bq, D)[:, : min(L, r1 * Bq) - r0 * Bq]
+        if k1 > k0:
+            dk[:, k0:k1] += _fold(dkt, N, nb, geo)[:, k0 - kfirst : k1 - kfirst]
+            dv[:, k0:k1] += _fold(dvt, N, nb, geo)[:, k0 - kfirst : k1 - kfirst]
+    return dq, dk, dv
+
+
+def _bounded(q: Tensor, k: Tensor, scale: float) -> bool:
+    """True when every score scale * q_i . k_j is surely finite (|s| <= D max|q| max|k| scale < 1e30)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return True
+    qa, ka = (torch.aminmax(t) for t in (q, k))
+    bound = q.shape[-1] * max(-float(qa.min), float(qa.max)) * max(-float(ka.min), float(ka.max)) * abs(scale)
+    return bound < 1e30  # False for inf / NaN inputs too
 
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float):
-        out, lse = _window_forward(q, k, v, geo, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.geo, ctx.scale = geo, scale
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float, want_lse: bool):
+        exact = not _bounded(q, k, scale)
+        out, lse = _window_forward(q, k, v, geo, scale, exact, want_lse)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.geo, ctx.scale, ctx.exact = geo, scale, exact
+        if lse is None:
+            lse = out.new_empty(0)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _window_backward(q, k, v, out, lse, dout.to(q.dtype), ctx.geo, ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, out = ctx.saved_tensors
+        dq, dk, dv = _window_backward(q, k, v, out, dout.to(q.dtype).contiguous(), ctx.geo, ctx.scale, ctx.exact)
+        return dq, dk, dv, None, None, None
 
 
 def window_attention(query: Tensor, key: Tensor, value: Tensor, *, left: int, right: int,
@@ -280,8 +395,12 @@ def window_attention(query: Tensor, key: Tensor, value: Tensor, *, left: int, ri
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     N = math.prod(batch)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    geo = _Geometry(L, S, left, right, block)
-    out, lse = _WindowAttention.apply(_prep(q, N, acc), _prep(k, N, acc), _prep(v, N, acc), geo, float(scale))
+    geo = _Geometry(L, S, left, right, block, device=query.device)
+
+    def prep(x: Tensor) -> Tensor:  # (*b, n, d) -> (N, n, d) contiguous in the accumulation dtype
+        return x.reshape(N, *x.shape[-2:]).to(acc).contiguous()
+
+    out, lse = _WindowAttention.apply(prep(q), prep(k), prep(v), geo, float(scale), return_weights)
     out = out.reshape(*batch, L, v.shape[-1]).to(query.dtype)  # (*b, L, Dv)
     if not return_weights:
         return out
