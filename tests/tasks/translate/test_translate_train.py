@@ -76,3 +76,21 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero_at_the_last_step():
 def test_bad_schedule_options_are_refused_by_name(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("kind", ["bahdanau", "transformer"])
+def test_model_loss_scores_only_real_tokens_like_the_full_logits(kind):
+    from attnkit.tasks.translate.models import build_model
+    from attnkit.tasks.translate.train import collate, masked_loss
+
+    torch.manual_seed(0)
+    model = build_model({"kind": kind, "src_vocab": 11, "tgt_vocab": 13, "embed_dim": 8, "hidden": 16,
+                         "num_layers": 1, "dropout": 0.0, "num_heads": 2, "ff_dim": 32, "max_len": 64}).eval()
+    batch = [([4, 5, 6, 7], [4, 5]), ([8, 9], [6, 7, 8, 9, 10]), ([3], [3])]  # ragged: padding on both sides
+    src, src_lens, tgt_in, tgt_out = collate(batch, bos=1, eos=2)
+    logits, _ = model(src, src_lens, tgt_in)
+    for smoothing in (0.0, 0.1):
+        want, n_want = masked_loss(logits, tgt_out, smoothing)
+        got, n = model.loss(src, src_lens, tgt_in, tgt_out, label_smoothing=smoothing)
+        assert n == n_want == 2 + 1 + 5 + 1 + 1 + 1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

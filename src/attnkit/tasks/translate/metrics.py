@@ -10,7 +10,8 @@ def corpus_bleu(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
 
     Computed by sacrebleu on the tokens joined by spaces with ``tokenize="none"``, so every language (CJK
     included, one token per character) is scored on the same tokens the model produced; sentences may have
-    different numbers of references (Tatoeba lists several translations of one sentence).
+    different numbers of references (Tatoeba lists several translations of one sentence). ``force=True``: the
+    input is tokenized on purpose, so sacrebleu's "forgot to detokenize" warning does not apply.
 
     Shape:
         - hyps: N token lists; refs: N lists of reference token lists (at least one each)
@@ -25,7 +26,7 @@ def corpus_bleu(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
         raise ValueError("every sentence needs at least one reference, got an empty reference list")
     width = max(len(r) for r in refs)
     streams = [[" ".join(r[i]) if i < len(r) else None for r in refs] for i in range(width)]
-    return float(sacrebleu.corpus_bleu([" ".join(h) for h in hyps], streams, tokenize="none").score)
+    return float(sacrebleu.corpus_bleu([" ".join(h) for h in hyps], streams, tokenize="none", force=True).score)
 
 
 def exact_match(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:

@@ -23,6 +23,7 @@ from attnkit.tasks.translate import checkpoint as ckpt
 from attnkit.tasks.translate.data import Pair, embedded_pairs, load_pairs, split_pairs
 from attnkit.tasks.translate.errors import TranslateError
 from attnkit.tasks.translate.models import build_model
+from attnkit.tasks.translate.models.base import token_loss
 from attnkit.tasks.translate.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -145,9 +146,7 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
 
 def masked_loss(logits: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float = 0.0):
     """Sum of cross-entropy over real (non-padding) target tokens, and their number."""
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=0,
-                                       reduction="sum", label_smoothing=label_smoothing)
-    return loss, int((tgt_out != 0).sum())
+    return token_loss(logits.flatten(0, 1), tgt_out.flatten(), label_smoothing)
 
 
 class _StopFlag:
@@ -187,8 +186,7 @@ def valid_loss(model, items, bos, eos, batch_size) -> float:
     total, count = 0.0, 0
     for i in range(0, len(items), batch_size):
         src, src_lens, tgt_in, tgt_out = collate(items[i: i + batch_size], bos, eos)
-        logits, _ = model(src, src_lens, tgt_in, need_weights=False)
-        loss, n = masked_loss(logits, tgt_out)
+        loss, n = model.loss(src, src_lens, tgt_in, tgt_out)
         total, count = total + float(loss), count + n
     model.train()
     return total / max(count, 1)
@@ -255,8 +253,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
                 src, src_lens, tgt_in, tgt_out = collate(batch, bos, eos)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, global_step, n_batches)
-                logits, _ = model(src, src_lens, tgt_in, need_weights=False)
-                loss, n_tok = masked_loss(logits, tgt_out, cfg.label_smoothing)
+                loss, n_tok = model.loss(src, src_lens, tgt_in, tgt_out, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 (loss / n_tok).backward()
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)

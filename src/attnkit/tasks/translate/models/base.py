@@ -31,6 +31,19 @@ class Seq2Seq(nn.Module):
         """Pick batch rows ``index`` of every tensor in ``state`` (beam search)."""
         return tuple(s.index_select(0, index) for s in state)
 
+    def loss(self, src: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, *,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        """Summed cross-entropy over the real (non-padding, id 0) target tokens, and their number."""
+        logits, _ = self(src, src_lens, tgt_in, need_weights=False)  # (B, T, V)
+        return token_loss(logits.flatten(0, 1), tgt_out.flatten(), label_smoothing)
+
+
+def token_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of ``logits (N, V)`` against ``target (N,)``, padding (id 0) ignored; and the count."""
+    loss = nn.functional.cross_entropy(logits, target, ignore_index=0, reduction="sum",
+                                       label_smoothing=label_smoothing)
+    return loss, int((target != 0).sum())
+
 
 def build_model(config: dict) -> Seq2Seq:
     """Build a model from ``config`` (``kind`` plus sizes, as saved in a checkpoint's JSON)."""

@@ -18,7 +18,7 @@ from torch import nn
 from attnkit import masks
 from attnkit.nn.positional import SinusoidalPositionalEncoding
 from attnkit.nn.transformer import TransformerDecoderLayer, TransformerEncoderLayer
-from attnkit.tasks.translate.models.base import Seq2Seq
+from attnkit.tasks.translate.models.base import Seq2Seq, token_loss
 
 
 class TransformerSeq2Seq(Seq2Seq):
@@ -58,7 +58,7 @@ class TransformerSeq2Seq(Seq2Seq):
             x = layer(x, mask=mask)
         return self.enc_norm(x), mask  # (B, S, d)
 
-    def _decode(self, tgt_in, memory, memory_mask, need_weights=False):
+    def _decode(self, tgt_in, memory, memory_mask, need_weights=False, keep=None):
         self_mask = masks.causal()  # output word t sees words <= t (padding sits after the real words)
         x = self.pos(self.tgt_embed(tgt_in) * math.sqrt(self.d))  # (B, T, d)
         cross, selfw = [], []
@@ -69,7 +69,9 @@ class TransformerSeq2Seq(Seq2Seq):
                 selfw.append(sw)  # (B, H, T, T)
             else:
                 x = layer(x, memory, self_mask=self_mask, memory_mask=memory_mask)
-        return self.out(self.dec_norm(x)), cross, selfw  # (B, T, V)
+        if keep is not None:  # only the positions that are scored: the vocabulary projection dominates the cost
+            x = x[keep]  # (N, d)
+        return self.out(self.dec_norm(x)), cross, selfw  # (B, T, V) or (N, V)
 
     def forward(self, src, src_lens, tgt_in, *, need_weights: bool = True):
         memory, mask = self._encode(src, src_lens)
@@ -78,6 +80,12 @@ class TransformerSeq2Seq(Seq2Seq):
         if need_weights:
             attn["weights"] = cross[-1].mean(1)  # (B, T, S)
         return logits, attn
+
+    def loss(self, src, src_lens, tgt_in, tgt_out, *, label_smoothing: float = 0.0):
+        memory, mask = self._encode(src, src_lens)
+        keep = tgt_out != 0  # (B, T) real target tokens
+        logits, _, _ = self._decode(tgt_in, memory, mask, keep=keep)  # (N, V)
+        return token_loss(logits, tgt_out[keep], label_smoothing)
 
     def encode(self, src, src_lens):
         memory, _ = self._encode(src, src_lens)
