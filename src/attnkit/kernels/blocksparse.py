@@ -1,15 +1,19 @@
-"""Block-sparse softmax attention: compute scores only on the (query block, key set) tiles a mask needs.
+"""Block-sparse softmax attention: compute scores only on the (query block, key tile) pairs a mask needs.
 
-The queries are cut into blocks of ``block`` rows. Each query block ``b`` gets a list of key indices
-``kidx[b]`` (the keys of its non-empty tiles, or for a window one contiguous slice); blocks with the same
-number of keys form a *group* and are computed together with batched matmuls:
+The queries are cut into blocks of ``block`` rows. A :class:`Plan` (built once per mask and shape by
+:func:`plan_from_mask` and remembered on the mask) gives each query block ``b`` the key indices ``kidx[b]`` of its
+non-empty tiles (or, for a window, one contiguous slice); blocks with the same number of keys form a *group*,
+computed together with batched matmuls on one gather of the keys per step:
 
-    S_b = scale * Q_b K[kidx_b]^T  (masked with the mask's own rule)     (block_rows, Kw)
+    S_b = scale * Q_b K[kidx_b]^T  (masked only on partially kept tiles)     (block_rows, Kw)
     lse_b = log sum_j exp(S_b)  ;  O_b = exp(S_b - lse_b) V[kidx_b]
 
-Work and memory are O(number of covered pairs); no (L, S) tensor is built (unless the caller asks for dense
-weights). Backward (custom autograd) recomputes P = exp(S - lse) tile by tile from the saved log-sum-exp, as
-FlashAttention does, and saves only q, k, v, out, lse and the per-tile boolean mask:
+A tile is empty (skipped), fully kept (no mask at all) or partial (its own boolean tile is applied). The query
+blocks are gathered once per call in group order, so each step reads one contiguous slice of them. Work and
+memory are O(number of covered pairs); no (L, S) tensor is built (unless the caller asks for dense weights).
+Without gradients and weights the log-sum-exp is not needed and unmasked groups use the fused softmax.
+Backward (custom autograd) recomputes P = exp(S - lse) tile by tile from the saved log-sum-exp, as
+FlashAttention does, and saves only q, k, v, out and lse:
 
     dV[kidx] += P^T dO ;  dS = P * (dO V^T - rowsum(dO * O)) ;  dQ = scale dS K ;  dK[kidx] += scale dS^T Q
 
@@ -22,186 +26,203 @@ block, Kw keys per block of a group, G blocks in a group.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit import masks as _masks
-from attnkit.kernels._tiles import mask_on_tiles
+from attnkit.kernels._tiles import Group, Plan, cached_block_mask, plan_from_mask
 
-__all__ = ["blocksparse_attention", "Plan", "plan_from_mask", "run_plan"]
+__all__ = ["blocksparse_attention", "Group", "Plan", "cached_block_mask", "plan_from_mask", "run_plan",
+           "weights_from_lse"]
 
-_BUDGET = 1 << 22  # score elements per step (x batch): bounds the working memory of one step
-
-
-@dataclass
-class Group:
-    """Query blocks that share a key count: ``qblocks`` (G,), key indices ``kidx`` (G, Kw) (clamped into
-    [0, S)), and ``allowed`` (*mb, G, Bq, Kw) bool, False on padding, so clamped duplicates weigh nothing."""
-
-    qblocks: Tensor
-    kidx: Tensor
-    allowed: Tensor
-
-
-@dataclass
-class Plan:
-    """Where a block-sparse kernel computes: query length L, key length S, block rows, and the groups."""
-
-    L: int
-    S: int
-    block: int
-    groups: list[Group]
-
-    @property
-    def pairs(self) -> int:
-        """Number of (query, key) pairs the kernel computes scores for (per batch element and head)."""
-        return sum(g.kidx.numel() * self.block for g in self.groups)
-
-
-def plan_from_mask(mask: _masks.Mask, L: int, S: int, *, block: int = 128, batch_ndim: int = 2,
-                   device=None) -> Plan:
-    """Plan from ``mask.block_mask(L, S, block)``: each query block visits the key tiles that hold a True."""
-    tiles = cached_block_mask(mask, L, S, block, device)  # (nbq, nbk)
-    nbq, nbk = tiles.shape
-    counts = tiles.sum(1)  # (nbq,)
-    groups = []
-    rows = torch.arange(block, device=device)
-    for c in sorted(set(counts.tolist()) - {0}):
-        qblocks = torch.nonzero(counts == c).flatten()  # (G,)
-        kblocks = torch.nonzero(tiles[qblocks])[:, 1].view(-1, c)  # (G, c): the non-empty key tiles
-        kidx = (kblocks.unsqueeze(-1) * block + rows).flatten(1)  # (G, c*block)
-        qi = qblocks.unsqueeze(-1) * block + rows  # (G, block)
-        allowed = mask_on_tiles(mask, qi, kidx, L, S, batch_ndim)  # (*mb, G, block, Kw)
-        groups.append(Group(qblocks, kidx.clamp(0, max(S - 1, 0)), allowed))
-    return Plan(L, S, block, groups)
-
-
-def cached_block_mask(mask: _masks.Mask, L: int, S: int, block: int, device=None) -> Tensor:
-    """``mask.block_mask(L, S, block)`` as bool, remembered on the mask object for the last (L, S, block).
-
-    Dispatch (to measure the density) and the kernel (to plan) both need it; for a dense mask it is a full
-    pass over L x S, so it is computed once per mask and shape.
-    """
-    key = (L, S, block, str(device), _versions(mask))  # in-place edits of a mask's tensors invalidate it
-    hit = getattr(mask, "_attnkit_tiles", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    tiles = mask.block_mask(L, S, block, device=device).to(torch.bool)
-    try:
-        mask._attnkit_tiles = (key, tiles)
-    except AttributeError:  # a mask class with __slots__: no cache
-        pass
-    return tiles
-
-
-def _versions(mask: _masks.Mask) -> tuple:
-    if isinstance(mask, (_masks.And, _masks.Or)):
-        return (_versions(mask.a), _versions(mask.b))
-    t = getattr(mask, "tensor", None)
-    if t is None:
-        t = getattr(mask, "lengths", None)
-    if t is None:
-        t = getattr(mask, "edge_index", None)
-    return (id(t), t._version) if isinstance(t, Tensor) else ()
+_BUDGET = 1 << 18  # score elements per step (batch included): a step's scores stay in the L2 cache
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float) -> tuple[Tensor, Tensor]:
-    *batch, L, D = q.shape
-    Bq = plan.block
-    nbq = -(-L // Bq)
-    Dv = v.shape[-1]
-    qp = F.pad(q, (0, 0, 0, nbq * Bq - L)).view(*batch, nbq, Bq, D)  # (*b, nbq, Bq, D)
-    out = q.new_zeros(*batch, nbq, Bq, Dv)  # (*b, nbq, Bq, Dv)
-    lse = q.new_full((*batch, nbq, Bq), float("-inf"))  # (*b, nbq, Bq)
-    nb = math.prod(batch)
-    for grp in plan.groups:
-        G, Kw = grp.kidx.shape
-        step = max(1, _BUDGET // max(1, nb * Bq * Kw))
+def _steps(grp: Group, N: int, Bq: int):
+    """``(n0, n1), (a, b)``: batch rows and group rows of one step, at most ``_BUDGET`` score elements, so the
+    scores of a step stay in cache (small steps split the batch, large groups one block at a time)."""
+    G, Kw = grp.kidx.shape
+    per = max(1, Bq * Kw)  # score elements of one block and one batch row
+    if N * per <= _BUDGET:
+        step = max(1, _BUDGET // (N * per))
         for a in range(0, G, step):
-            sl = slice(a, a + step)
-            blocks, kidx, allowed = grp.qblocks[sl], grp.kidx[sl], grp.allowed[..., sl, :, :]
-            g = blocks.shape[0]
-            qb = qp.index_select(-3, blocks)  # (*b, g, Bq, D)
-            kb = k.index_select(-2, kidx.flatten()).unflatten(-2, (g, Kw))  # (*b, g, Kw, D)
-            vb = v.index_select(-2, kidx.flatten()).unflatten(-2, (g, Kw))  # (*b, g, Kw, Dv)
-            # S = scale * Q K^T, -inf where the mask forbids
-            s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).masked_fill_(~allowed, float("-inf"))
-            m = s.amax(-1, keepdim=True)  # (*b, g, Bq, 1)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = s.sub_(m).exp_()  # (*b, g, Bq, Kw)
-            l = p.sum(-1, keepdim=True)  # (*b, g, Bq, 1)
-            o = torch.matmul(p, vb).div_(torch.where(l > 0, l, torch.ones_like(l)))  # (*b, g, Bq, Dv)
-            out.index_copy_(-3, blocks, o)
-            lse.index_copy_(-2, blocks, (m + torch.log(l)).squeeze(-1))
-    out = out.flatten(-3, -2)[..., :L, :]  # (*b, L, Dv)
-    lse = lse.flatten(-2, -1)[..., :L]  # (*b, L)
+            yield (0, N), (a, min(G, a + step))
+    else:
+        nstep = max(1, _BUDGET // per)
+        for a in range(G):
+            for n0 in range(0, N, nstep):
+                yield (n0, min(N, n0 + nstep)), (a, a + 1)
+
+
+def _flat_masks(grp: Group, batch: tuple) -> tuple[Tensor | None, Tensor | None]:
+    """The group's masks with the batch flattened: ``allowed`` (N|1, G, Bq, Kw) and ``forbid`` (P, N|1, Bq, Bk)."""
+    def flat(t: Tensor) -> Tensor:  # (*mb, X, Y, Z) -> (N|1, X, Y, Z)
+        if math.prod(t.shape[:-3]) <= 1:
+            return t.reshape(1, *t.shape[-3:])
+        return t.expand(*batch, *t.shape[-3:]).reshape(math.prod(batch), *t.shape[-3:])
+
+    if grp.allowed is not None:
+        return flat(grp.allowed), None
+    if grp.forbid is None or grp.forbid.shape[0] == 0:
+        return None, None
+    return None, flat(grp.forbid.movedim(0, -3)).movedim(-3, 0)
+
+
+def _mask_scores(s: Tensor, grp: Group, masks: tuple, block: int, a: int, b: int, n0: int, n1: int,
+                 sel: Tensor | None = None) -> Tensor:
+    """Set the forbidden scores of batch rows [n0, n1) and group rows [a, b) (or the rows ``sel``) to -inf, in
+    place; returns ``s``. ``masks`` = :func:`_flat_masks`. Fully kept tiles are not touched; a partial tile is
+    gathered, filled and written back.
+
+    Shape:
+        s (n, g, Bq, Kw) with n = n1 - n0, g = b - a (or len(sel)).
+    """
+    allowed, forbid = masks
+    if allowed is not None:
+        al = allowed[:, a:b] if sel is None else allowed.index_select(1, sel)  # (N|1, g, Bq, Kw)
+        return s.masked_fill_((al if al.shape[0] == 1 else al[n0:n1]).logical_not(), float("-inf"))
+    if forbid is None:
+        return s
+    if sel is None:
+        lo, hi = torch.searchsorted(grp.part_g, torch.tensor([a, b], device=s.device)).tolist()
+        gi, ti, f = grp.part_g[lo:hi] - a, grp.part_t[lo:hi], forbid[lo:hi]
+    else:
+        pos = torch.full((grp.qblocks.shape[0],), -1, dtype=torch.long, device=s.device)
+        pos[sel] = torch.arange(sel.shape[0], device=s.device)  # group row -> row of s
+        at = pos[grp.part_g]
+        keep = torch.nonzero(at >= 0).flatten()
+        gi, ti, f = at[keep], grp.part_t[keep], forbid.index_select(0, keep)
+    if gi.numel() == 0:
+        return s
+    f = f if f.shape[1] == 1 else f[:, n0:n1]  # (p, n|1, Bq, Bk)
+    s5 = s.unflatten(-1, (-1, block))  # (n, g, Bq, c, Bk)
+    idx = (slice(None), gi, slice(None), ti)  # the partial tiles: (p, n, Bq, Bk)
+    s5[idx] = s5[idx].masked_fill_(f, float("-inf"))
+    return s
+
+
+def _rows(plan: Plan, device) -> Tensor:
+    """Query rows of the plan's blocks in group order (each group's blocks are then one contiguous slice)."""
+    if not plan.groups:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    order = torch.cat([g.qblocks for g in plan.groups]).to(device)  # (n,)
+    return (order.unsqueeze(-1) * plan.block + torch.arange(plan.block, device=device)).flatten()  # (n * Bq,)
+
+
+def _gather_blocks(x: Tensor, rows: Tensor, Bq: int) -> Tensor:
+    """(N, L, d) -> the rows ``rows`` (zero past L), blocked: (N, n, Bq, d)."""
+    L = x.shape[-2]
+    pad = max(0, int(rows.max()) + 1 - L) if rows.numel() else 0
+    return F.pad(x, (0, 0, 0, pad)).index_select(-2, rows).unflatten(-2, (-1, Bq))
+
+
+def _scatter_blocks(xs: Tensor, rows: Tensor, L: int, fill: float = 0.0) -> Tensor:
+    """Inverse of :func:`_gather_blocks`: (N, n, Bq, d) -> (N, L, d), ``fill`` on rows no block covers."""
+    flat = xs.flatten(-3, -2)  # (N, n * Bq, d)
+    n_rows = max(L, int(rows.max()) + 1) if rows.numel() else L
+    full = flat.new_full((*flat.shape[:-2], n_rows, flat.shape[-1]), fill)
+    return full.index_copy_(-2, rows, flat)[..., :L, :]
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, batch: tuple,
+             need_lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Output (N, L, Dv) and log-sum-exp (N, L) of flattened inputs (``batch`` = their batch shape, for the
+    masks); without ``need_lse`` (inference) unmasked groups use the fused softmax and the lse is None."""
+    N, L, D = q.shape
+    Bq, Dv = plan.block, v.shape[-1]
+    rows = _rows(plan, q.device)
+    qs = _gather_blocks(q, rows, Bq).mul_(scale)  # (N, n, Bq, D), blocks in group order
+    out_s = q.new_empty(N, qs.shape[1], Bq, Dv)  # (N, n, Bq, Dv)
+    lse_s = q.new_empty(N, qs.shape[1], Bq, 1)  # (N, n, Bq, 1)
+    start = 0
+    for grp in plan.groups:
+        Kw = grp.kidx.shape[1]
+        masks = _flat_masks(grp, batch)
+        for (n0, n1), (a, b) in _steps(grp, N, Bq):
+            flat = grp.kidx[a:b].flatten()  # (g * Kw,)
+            kb = k[n0:n1].index_select(1, flat).unflatten(1, (b - a, Kw))  # (n, g, Kw, D)
+            vb = v[n0:n1].index_select(1, flat).unflatten(1, (b - a, Kw))  # (n, g, Kw, Dv)
+            sl = slice(start + a, start + b)
+            # S = (scale Q) K^T, -inf where the mask forbids
+            s = _mask_scores(torch.matmul(qs[n0:n1, sl], kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
+            if not (need_lse or grp.masked):  # every row has a key: O = softmax(S) V, one fused pass
+                out_s[n0:n1, sl] = torch.matmul(torch.softmax(s, -1), vb)
+                continue
+            m = s.amax(-1, keepdim=True)  # (n, g, Bq, 1)
+            if grp.masked:  # a row with no allowed key: m = -inf -> 0, so nothing becomes NaN
+                m.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            p = s.sub_(m).exp_()  # (n, g, Bq, Kw)
+            l = p.sum(-1, keepdim=True)  # (n, g, Bq, 1)
+            # O = P V / l
+            o = torch.matmul(p, vb)  # (n, g, Bq, Dv)
+            out_s[n0:n1, sl] = o.div_(torch.where(l > 0, l, torch.ones_like(l))) if grp.masked else o.div_(l)
+            lse_s[n0:n1, sl] = l.log_().add_(m)  # lse = m + log l (-inf on empty rows)
+        start += grp.qblocks.shape[0]
+    out = _scatter_blocks(out_s, rows, L)  # (N, L, Dv)
+    if not need_lse:
+        return out, None
+    lse = _scatter_blocks(lse_s, rows, L, float("-inf")).squeeze(-1)  # (N, L)
     return out, lse
 
 
-def _backward(q, k, v, out, lse, dout, plan: Plan, scale: float):
-    *batch, L, D = q.shape
+def _backward(q, k, v, out, lse, dout, plan: Plan, scale: float, batch: tuple):
+    N, L, D = q.shape
     Bq = plan.block
-    nbq = -(-L // Bq)
-    pad = nbq * Bq - L
-    qp = F.pad(q, (0, 0, 0, pad)).view(*batch, nbq, Bq, D)  # (*b, nbq, Bq, D)
-    dop = F.pad(dout, (0, 0, 0, pad)).view(*batch, nbq, Bq, dout.shape[-1])  # (*b, nbq, Bq, Dv)
+    rows = _rows(plan, q.device)
+    qs = _gather_blocks(q, rows, Bq).mul_(scale)  # (N, n, Bq, D)
+    dos = _gather_blocks(dout, rows, Bq)  # (N, n, Bq, Dv)
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij
-    delta = F.pad((dout * out).sum(-1), (0, pad)).view(*batch, nbq, Bq, 1)  # (*b, nbq, Bq, 1)
-    lse_p = F.pad(lse, (0, pad), value=float("-inf"))
-    lse_p = torch.where(torch.isfinite(lse_p), lse_p, torch.full_like(lse_p, float("inf")))
-    lse_p = lse_p.view(*batch, nbq, Bq, 1)  # (*b, nbq, Bq, 1); +inf on empty rows makes P = 0
-    dq = torch.zeros_like(qp)
+    delta = _gather_blocks((dout * out).sum(-1, keepdim=True), rows, Bq)  # (N, n, Bq, 1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # empty rows: P = 0
+    lse_s = _gather_blocks(lse.unsqueeze(-1), rows, Bq)  # (N, n, Bq, 1); padded rows are masked anyway
+    dq_s = torch.empty_like(qs)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    nb = math.prod(batch)
+    start = 0
     for grp in plan.groups:
-        G, Kw = grp.kidx.shape
-        step = max(1, _BUDGET // max(1, nb * Bq * Kw))
-        for a in range(0, G, step):
-            sl = slice(a, a + step)
-            blocks, kidx, allowed = grp.qblocks[sl], grp.kidx[sl], grp.allowed[..., sl, :, :]
-            g = blocks.shape[0]
-            flat = kidx.flatten()
-            qb = qp.index_select(-3, blocks)  # (*b, g, Bq, D)
-            kb = k.index_select(-2, flat).unflatten(-2, (g, Kw))  # (*b, g, Kw, D)
-            vb = v.index_select(-2, flat).unflatten(-2, (g, Kw))  # (*b, g, Kw, Dv)
-            dob = dop.index_select(-3, blocks)  # (*b, g, Bq, Dv)
+        Kw = grp.kidx.shape[1]
+        masks = _flat_masks(grp, batch)
+        for (n0, n1), (a, b) in _steps(grp, N, Bq):
+            flat = grp.kidx[a:b].flatten()
+            kb = k[n0:n1].index_select(1, flat).unflatten(1, (b - a, Kw))  # (n, g, Kw, D)
+            vb = v[n0:n1].index_select(1, flat).unflatten(1, (b - a, Kw))  # (n, g, Kw, Dv)
+            sl = slice(start + a, start + b)
+            qb, dob = qs[n0:n1, sl], dos[n0:n1, sl]
             # P = exp(S - lse), recomputed
-            s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale).masked_fill_(~allowed, float("-inf"))
-            p = s.sub_(lse_p.index_select(-3, blocks)).exp_()  # (*b, g, Bq, Kw)
+            s = _mask_scores(torch.matmul(qb, kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
+            p = s.sub_(lse_s[n0:n1, sl]).exp_()  # (n, g, Bq, Kw)
             # dV[kidx] += P^T dO
-            dv.index_add_(-2, flat, torch.matmul(p.transpose(-1, -2), dob).flatten(-3, -2))
+            dv[n0:n1].index_add_(1, flat, torch.matmul(p.transpose(-1, -2), dob).flatten(1, 2))
             # dS = P * (dO V^T - delta)
-            ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta.index_select(-3, blocks)).mul_(p)
-            ds.mul_(scale)
-            dq.index_copy_(-3, blocks, torch.matmul(ds, kb))  # each query block lives in one group
-            dk.index_add_(-2, flat, torch.matmul(ds.transpose(-1, -2), qb).flatten(-3, -2))
-    return dq.flatten(-3, -2)[..., :L, :], dk, dv
+            ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[n0:n1, sl]).mul_(p)
+            dq_s[n0:n1, sl] = torch.matmul(ds, kb)  # dQ = scale dS K (scale below)
+            dk[n0:n1].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qb).flatten(1, 2))  # dK += dS^T (sQ)
+        start += grp.qblocks.shape[0]
+    return _scatter_blocks(dq_s.mul_(scale), rows, L), dk, dv
 
 
 class _BlockSparse(torch.autograd.Function):
+    """Flattened inputs (N, L, D), (N, S, D), (N, S, Dv) in the accumulation dtype -> out (N, L, Dv), lse (N, L)."""
+
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float):
-        acc = _acc_dtype(q.dtype)
-        qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-        out, lse = _forward(qa, ka, va, plan, scale)
-        ctx.save_for_backward(qa, ka, va, out, lse)
-        ctx.plan, ctx.scale, ctx.dtype = plan, scale, q.dtype
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, batch: tuple):
+        out, lse = _forward(q, k, v, plan, scale, batch)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale, ctx.batch = plan, scale, batch
         ctx.mark_non_differentiable(lse)
-        return out.to(q.dtype), lse
+        return out, lse
 
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout.to(q.dtype), ctx.plan, ctx.scale)
-        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), None, None
+        dq, dk, dv = _backward(q, k, v, out, lse, dout.to(q.dtype), ctx.plan, ctx.scale, ctx.batch)
+        return dq, dk, dv, None, None, None
 
 
 def _prepare(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -223,7 +244,18 @@ def run_plan(query: Tensor, key: Tensor, value: Tensor, plan: Plan, *, scale: fl
     q, k, v = _prepare(query, key, value)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    out, lse = _BlockSparse.apply(q, k, v, plan, float(scale))
+    *batch, L, D = q.shape
+    S, acc = k.shape[-2], _acc_dtype(q.dtype)
+    # batch dims flattened: (N, L, D), (N, S, D), (N, S, Dv)
+    N = math.prod(batch)
+    qf, kf, vf = q.reshape(N, L, D).to(acc), k.reshape(N, S, D).to(acc), v.reshape(N, S, v.shape[-1]).to(acc)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _BlockSparse.apply(qf, kf, vf, plan, float(scale), tuple(batch))
+    else:  # inference: no autograd record, and no log-sum-exp unless the weights are wanted
+        out, lse = _forward(qf, kf, vf, plan, float(scale), tuple(batch), need_lse=return_weights)
+    out = out.reshape(*batch, L, v.shape[-1]).to(q.dtype)  # (*b, L, Dv)
+    if return_weights:
+        lse = lse.reshape(*batch, L)  # (*b, L)
     if not return_weights:
         return out
     return out, weights_from_lse(q, k, lse, plan, float(scale)).to(q.dtype)
@@ -236,43 +268,44 @@ def weights_from_lse(q: Tensor, k: Tensor, lse: Tensor, plan: Plan, scale: float
     With ``rows`` (1-D query indices) only those rows are returned: (*b, len(rows), S).
     Gradients flow to ``q`` and ``k`` (each row is renormalized over its tiles, so they are exact).
     """
-    *batch, L, D = q.shape
-    S, Bq = k.shape[-2], plan.block
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], lse.shape[:-1])
+    L, D, S, Bq = q.shape[-2], q.shape[-1], k.shape[-2], plan.block
     nbq = -(-L // Bq)
     acc = _acc_dtype(q.dtype)
-    qp = F.pad(q.to(acc), (0, 0, 0, nbq * Bq - L)).view(*batch, nbq, Bq, D)
-    lse_p = F.pad(lse, (0, nbq * Bq - L), value=float("-inf"))
+    N = math.prod(batch)
+    qf = q.expand(*batch, L, D).reshape(N, L, D).to(acc)  # (N, L, D)
+    ka = k.expand(*batch, S, D).reshape(N, S, D).to(acc)  # (N, S, D)
+    qp = F.pad(qf, (0, 0, 0, nbq * Bq - L)).view(N, nbq, Bq, D)
+    lse_p = F.pad(lse.expand(*batch, L).reshape(N, L), (0, nbq * Bq - L), value=float("-inf"))
     lse_p = torch.where(torch.isfinite(lse_p), lse_p, torch.full_like(lse_p, float("inf")))
-    lse_p = lse_p.view(*batch, nbq, Bq, 1)
+    lse_p = lse_p.view(N, nbq, Bq, 1)
     want = None
     if rows is not None:
         want = torch.zeros(nbq * Bq, dtype=torch.bool, device=q.device)
         want[rows] = True
         want = want.view(nbq, Bq).any(1)  # (nbq,): blocks holding a wanted row
-    parts = []
+    full = qf.new_zeros(N, nbq, Bq, S)
     for grp in plan.groups:
         G, Kw = grp.kidx.shape
-        sel = torch.arange(G, device=q.device) if want is None else torch.nonzero(want[grp.qblocks]).flatten()
-        if sel.numel() == 0:
+        sel = None if want is None else torch.nonzero(want[grp.qblocks]).flatten()
+        if sel is not None and sel.numel() == 0:
             continue
-        blocks, kidx = grp.qblocks[sel], grp.kidx[sel]
-        allowed = grp.allowed.index_select(-3, sel)
-        qb = qp.index_select(-3, blocks)  # (*b, g, Bq, D)
-        kb = k.to(acc).index_select(-2, kidx.flatten()).unflatten(-2, (blocks.shape[0], Kw))  # (*b, g, Kw, D)
-        s = (qb @ kb.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-        e = torch.exp(s - lse_p.index_select(-3, blocks))  # (*b, g, Bq, Kw)
+        blocks = grp.qblocks if sel is None else grp.qblocks[sel]
+        kidx = grp.kidx if sel is None else grp.kidx[sel]
+        qb = qp.index_select(1, blocks)  # (N, g, Bq, D)
+        kb = ka.index_select(1, kidx.flatten()).unflatten(1, (blocks.shape[0], Kw))  # (N, g, Kw, D)
+        s = _mask_scores(qb @ kb.transpose(-1, -2) * scale, grp, _flat_masks(grp, tuple(batch)), Bq, 0, G, 0, N,
+                         sel)  # (N, g, Bq, Kw)
+        e = torch.exp(s - lse_p.index_select(1, blocks))  # (N, g, Bq, Kw)
         # every allowed key of a row lies in its block's tiles, so this sum is 1 up to rounding; dividing by
         # it makes the weights' gradient exact (the saved lse is a constant to autograd)
         tot = e.sum(-1, keepdim=True)
         w = e / torch.where(tot > 0, tot, torch.ones_like(tot))
         dense = w.new_zeros(*w.shape[:-1], S).scatter_add(
             -1, kidx.unsqueeze(-2).expand(*w.shape), w
-        )  # (*b, g, Bq, S); clamped padding keys add exact zeros
-        parts.append((blocks, dense))
-    full = q.new_zeros(*batch, nbq, Bq, S, dtype=acc)
-    for blocks, dense in parts:
-        full = full.index_copy(-3, blocks, dense)
-    full = full.flatten(-3, -2)[..., :L, :]  # (*b, L, S)
+        )  # (N, g, Bq, S); clamped padding keys add exact zeros
+        full = full.index_copy(1, blocks, dense)
+    full = full.flatten(1, 2)[:, :L].reshape(*batch, L, S)  # (*b, L, S)
     return full if rows is None else full.index_select(-2, rows)
 
 

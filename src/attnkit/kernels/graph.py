@@ -13,6 +13,15 @@ tensors (N, H, D), never the gathered (E, H, D) values:
     d s_e = alpha_e (g_e - sum_{e' -> i} alpha_e' g_e')              (softmax backward, g = d alpha)
     d alpha_e = <d out_i, v_j>,   d v_j = sum_{e = (j -> i)} alpha_e d out_i
 
+``graph_attention`` (dot-product scores) runs all three steps in one fused Function over the edges sorted by
+destination (CSR order, sorted once and remembered for the last ``edge_index``; an already sorted list, such as
+``torch.unique``'s output, is used as is): the per-node max is a segment max, the softmax backward uses
+``sum_{e -> i} alpha_e d alpha_e = <d out_i, out_i>`` (as FlashAttention), and the backward recomputes the
+gathered rows instead of saving them:
+
+    d s_e = alpha_e (<d out_i, v_j> - <d out_i, out_i>)
+    d q_i = scale sum_{e = (j -> i)} d s_e k_j ;  d k_j = scale sum_{e = (j -> i)} d s_e q_i
+
 Paper (attention along edges): Velickovic et al. 2018, https://arxiv.org/abs/1710.10903
 
 Shape letters: N nodes, E edges, H heads (any trailing dims of the scores are treated as heads), D head dim.

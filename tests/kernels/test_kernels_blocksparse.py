@@ -1,0 +1,174 @@
+"""Block-sparse kernel: tile plans (empty / partial / fully kept tiles), plan caching, and agreement with the
+float64 masked-softmax reference, forward, weights and gradients."""
+
+import pytest
+import torch
+from _kernel_ref import masked_softmax_attention_ref
+
+from attnkit import masks
+from attnkit.kernels.blocksparse import blocksparse_attention, plan_from_mask, run_plan, weights_from_lse
+
+
+def _qkv(B=2, H=3, L=40, S=40, D=8, Dv=5, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, L, D, generator=g, dtype=dtype) * scale
+    k = torch.randn(B, H, S, D, generator=g, dtype=dtype) * scale
+    v = torch.randn(B, H, S, Dv, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _tiled(L, S, block, full, partial, seed=0):
+    """(L, S) mask: tiles in ``full`` all True, tiles in ``partial`` half True at random, the rest False."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(L, S, dtype=torch.bool)
+    for i, j in full:
+        m[i * block : (i + 1) * block, j * block : (j + 1) * block] = True
+    for i, j in partial:
+        r = torch.rand(min(block, L - i * block), min(block, S - j * block), generator=g) < 0.5
+        m[i * block : i * block + r.shape[0], j * block : j * block + r.shape[1]] = r
+    return m
+
+
+def _close(a, ref, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(a.double(), ref, rtol=rtol, atol=atol)
+
+
+def test_plan_keeps_full_tiles_unmasked_and_masks_partial_ones():
+    m = _tiled(64, 64, 16, full=[(0, 0), (0, 2), (1, 1), (3, 3)], partial=[(1, 3), (2, 0)])
+    plan = plan_from_mask(masks.dense(m), 64, 64, block=16, batch_ndim=2)
+    assert plan.pairs == 6 * 16 * 16  # every non-empty tile once, no empty tile
+    tiles = {}  # (query block, key block) -> partial?
+    for grp in plan.groups:
+        assert grp.allowed is None
+        c = grp.kidx.shape[1] // 16
+        part = set(zip(grp.part_g.tolist(), grp.part_t.tolist(), strict=True))
+        for r, qb in enumerate(grp.qblocks.tolist()):
+            for t in range(c):
+                tiles[(qb, int(grp.kidx[r, t * 16]) // 16)] = (r, t) in part
+        assert grp.forbid.shape[0] == len(part)
+    assert tiles == {(0, 0): False, (0, 2): False, (1, 1): False, (3, 3): False, (1, 3): True, (2, 0): True}
+
+
+def test_and_of_masks_drops_tiles_without_an_allowed_pair():
+    L = S = 32
+    a = torch.zeros(L, S, dtype=torch.bool)
+    b = torch.zeros(L, S, dtype=torch.bool)
+    a[:8, :8] = True  # tile (0, 0): a holds its top-left quarter, b its bottom-right: a & b is empty there
+    b[8:16, 8:16] = True
+    a[16:, 16:] = True
+    b[16:, 16:] = True
+    mask = masks.dense(a) & masks.dense(b)
+    assert bool(mask.block_mask(L, S, 16)[0, 0])  # the block masks over-approximate
+    plan = plan_from_mask(mask, L, S, block=16, batch_ndim=2)
+    assert plan.pairs == 16 * 16  # only tile (1, 1) is computed
+    q, k, v = _qkv(L=L, S=S)
+    out = run_plan(q, k, v, plan)
+    _close(out, masked_softmax_attention_ref(q, k, v, a & b)[0])
+    assert out[..., :16, :].abs().max() == 0
+
+
+@pytest.mark.parametrize("block", [8, 16])
+def test_full_partial_and_empty_tiles_match_reference_with_gradients(block):
+    L, S = 45, 38  # ragged last blocks
+    m = _tiled(L, S, block, full=[(0, 0), (1, 1), (1, 2), (2, 0)], partial=[(0, 2), (2, 1), (L // block, 0)],
+               seed=3)
+    m[5] = False  # a fully masked row inside a live block
+    assert m.any() and not m.all()
+    q, k, v = _qkv(L=L, S=S, dtype=torch.float64, scale=2.0)
+    g = torch.randn(2, 3, L, 5, dtype=torch.float64)
+    results = []
+    for fn in (lambda a, b, c: blocksparse_attention(a, b, c, m, block=block, return_weights=True),
+               lambda a, b, c: masked_softmax_attention_ref(a, b, c, m)):
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out, w = fn(*ins)
+        (out * g).sum().backward()
+        results.append((out, w, [t.grad for t in ins]))
+    (out, w, grads), (ref_out, ref_w, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w, ref_w, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert out[..., 5, :].abs().sum() == 0 and grads[0][..., 5, :].abs().sum() == 0
+
+
+def test_gradcheck_with_full_and_partial_tiles_and_batched_padding():
+    L = S = 12
+    m = _tiled(L, S, 4, full=[(0, 0), (1, 1), (2, 2), (2, 0)], partial=[(0, 2), (1, 0)], seed=4)
+    mask = masks.dense(m) & masks.padding(torch.tensor([10, 5]))  # (B,) lengths: batched partial tiles
+    q, k, v = _qkv(B=2, H=1, L=L, S=S, D=3, Dv=2, dtype=torch.float64, seed=5)
+    dense = mask.materialize(L, S, batch_ndim=2)
+    _close(blocksparse_attention(q, k, v, mask, block=4), masked_softmax_attention_ref(q, k, v, dense)[0])
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c: blocksparse_attention(a, b, c, mask, block=4), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b: blocksparse_attention(a, b, v, mask, block=4, return_weights=True)[1], (q, k))
+
+
+def test_weights_for_chosen_rows_equal_the_full_weights():
+    L = S = 48
+    m = _tiled(L, S, 16, full=[(0, 0), (2, 1)], partial=[(1, 2), (2, 2)], seed=6)
+    q, k, v = _qkv(L=L, S=S)
+    plan = plan_from_mask(masks.dense(m), L, S, block=16, batch_ndim=2)
+    _, w = run_plan(q, k, v, plan, return_weights=True)
+    # lse_i = log sum_j exp(s_ij) over the allowed keys (rows without any: -inf)
+    s = (q.double() @ k.double().transpose(-1, -2) * 8**-0.5).masked_fill(~m, float("-inf"))
+    lse = torch.logsumexp(s, -1).float()
+    rows = torch.tensor([1, 17, 40, 47])
+    torch.testing.assert_close(weights_from_lse(q, k, lse, plan, 8**-0.5, rows=rows), w[..., rows, :])
+
+
+def test_plan_is_cached_per_mask_and_rebuilt_when_the_mask_changes():
+    L = S = 32
+    q, k, v = _qkv(L=L, S=S)
+    t = torch.zeros(L, S, dtype=torch.bool)
+    t[:, :8] = True
+    m = masks.dense(t)
+    p1 = plan_from_mask(m, L, S, block=8, batch_ndim=2)
+    assert plan_from_mask(m, L, S, block=8, batch_ndim=2) is p1  # same mask, same shape: reused
+    assert plan_from_mask(m, L, S, block=16, batch_ndim=2) is not p1  # another block size: rebuilt
+    # an in-place edit of the tensor: the cached plan must not be reused
+    blocksparse_attention(q, k, v, m, block=8)
+    t[:, 20:] = True
+    _close(blocksparse_attention(q, k, v, m, block=8), masked_softmax_attention_ref(q, k, v, t)[0])
+    # the tensor replaced by another one
+    t2 = torch.zeros(L, S, dtype=torch.bool)
+    t2[:, 30:] = True
+    m.tensor = t2
+    _close(blocksparse_attention(q, k, v, m, block=8), masked_softmax_attention_ref(q, k, v, t2)[0])
+    # a structured mask whose parameters change
+    w = masks.window(2, 0)
+    blocksparse_attention(q, k, v, w, block=8)
+    w.left = 5
+    band = torch.ones(L, S, dtype=torch.bool).tril().triu(-5)
+    _close(blocksparse_attention(q, k, v, w, block=8), masked_softmax_attention_ref(q, k, v, band)[0])
+
+
+def test_low_precision_large_scores_stay_finite():
+    L = S = 40
+    m = _tiled(L, S, 8, full=[(0, 0), (1, 1), (4, 2)], partial=[(2, 2), (3, 0)], seed=7)
+    q, k, v = _qkv(L=L, S=S, dtype=torch.bfloat16, scale=300.0)
+    out = blocksparse_attention(q, k, v, m, block=8)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    _close(out, masked_softmax_attention_ref(q, k, v, m)[0], rtol=2e-2, atol=2e-2)
+
+
+def test_inference_path_equals_the_autograd_path():
+    L = S = 48
+    m = _tiled(L, S, 16, full=[(0, 0), (1, 1), (2, 0), (2, 2)], partial=[(1, 2)], seed=8)
+    q, k, v = _qkv(L=L, S=S)
+    with torch.no_grad():  # no log-sum-exp: unmasked groups take the fused softmax
+        fast = blocksparse_attention(q, k, v, m, block=16)
+    grad = blocksparse_attention(q.requires_grad_(True), k, v, m, block=16)
+    torch.testing.assert_close(fast, grad.detach(), rtol=1e-6, atol=1e-6)
+    _close(fast, masked_softmax_attention_ref(q.detach(), k, v, m)[0])
+
+
+def test_mask_with_no_allowed_pair_gives_zeros_and_zero_gradients():
+    q = torch.randn(1, 2, 20, 4, requires_grad=True)
+    m = torch.zeros(20, 20, dtype=torch.bool)
+    out, w = blocksparse_attention(q, q, q, m, block=8, return_weights=True)
+    assert out.abs().sum() == 0 and w.abs().sum() == 0
+    out.sum().backward()
+    assert q.grad.abs().sum() == 0
