@@ -183,14 +183,16 @@ def test_window_nonfinite_key_outside_band_does_not_leak(bad):
         torch.testing.assert_close(a[..., ~near, :], b[..., ~near, :], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("save_p", [True, False])  # backward from the forward's P, or recomputing it
 @pytest.mark.parametrize("budget", [1, 8 * 24, 1 << 20])  # one tile per step, a few tiles, everything at once
 @pytest.mark.parametrize("L,S,left,right", [(70, 70, 5, 3), (61, 77, 9, 0), (77, 61, 0, 6), (64, 64, 16, 16)])
-def test_window_steps_and_ends_match_reference_with_gradients(monkeypatch, budget, L, S, left, right):
+def test_window_steps_and_ends_match_reference_with_gradients(monkeypatch, budget, save_p, L, S, left, right):
     # interior blocks (strided key views), padded blocks at both ends and step boundaries all agree with the
     # float64 reference, output and gradients
     import attnkit.kernels.window as win
 
     monkeypatch.setattr(win, "_BUDGET", budget)
+    monkeypatch.setattr(win, "_SAVE_P_BYTES", win._SAVE_P_BYTES if save_p else 0)
     q, k, v = _qkv(B=2, H=2, L=L, S=S, D=4, Dv=3, dtype=torch.float64, scale=2.0)
     band = band_mask(L, S, left, right)
     assert band.any() and not band.all()

@@ -68,6 +68,7 @@ def window_plan(L: int, S: int, left: int, right: int, *, block: int = 64, devic
 
 
 _BUDGET = 1 << 19  # score elements per step (tiles x Bq x Kw): a few MB, so the passes over a step hit the cache
+_SAVE_P_BYTES = 1 << 30  # training keeps P (N x L x Kw) for the backward up to this size, else recomputes it
 
 
 class _Geometry:
@@ -202,8 +203,12 @@ def _ranges(n: int, step: int):
         yield a, min(n, a + step)
 
 
-def _window_forward(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float, exact: bool, want_lse: bool):
-    """out (N, L, Dv) and, if ``want_lse``, the log-sum-exp (N, L) (else None)."""
+def _window_forward(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float, exact: bool, want_lse: bool,
+                    save_p: bool):
+    """out (N, L, Dv); the log-sum-exp (N, L) if ``want_lse`` (else None); P if ``save_p`` (else None).
+
+    The saved P is ``(interior (N, nb, Bq, Kw) or None, [padded region (N * nb, Bq, Kw), ...])``.
+    """
     N, L, D = q.shape
     Bq, Kw, Dv = geo.Bq, geo.Kw, v.shape[-1]
     step = geo.tiles_per_step()
@@ -211,9 +216,11 @@ def _window_forward(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: floa
     out = q.new_empty(N, lpad, Dv)
     lse = q.new_empty(N, lpad) if want_lse else None
     scratch = q.new_empty(step, Bq, Kw)
+    p_int = q.new_empty(N, geo.interior[1] - geo.interior[0], Bq, Kw) if save_p and geo.interior else None
+    p_pad = []
 
-    def tile(qb, kb, vb, ob, ok, lb):  # one step: S = scale Q K^T -> P = softmax -> O = P V
-        s = scratch[: qb.shape[0]]
+    def tile(qb, kb, vb, ob, ok, lb, s=None):  # one step: S = scale Q K^T -> P = softmax -> O = P V
+        s = scratch[: qb.shape[0]] if s is None else s
         s.baddbmm_(qb, kb.transpose(1, 2), beta=0, alpha=scale)  # (nt, Bq, Kw)
         geo.mask(s, ok, exact)
         mx = s.amax(-1) if lb is not None else None  # (nt, Bq)
@@ -232,27 +239,31 @@ def _window_forward(q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: floa
                 nt = b1 - b0
                 tile(q[n, b0 * Bq : b1 * Bq].view(nt, Bq, D), _span(k[n], b0 * Bq + geo.c, nt, Bq, Kw),
                      _span(v[n], b0 * Bq + geo.c, nt, Bq, Kw), out[n, b0 * Bq : b1 * Bq].view(nt, Bq, Dv), None,
-                     None if lse is None else lse[n, b0 * Bq : b1 * Bq].view(nt, Bq))
+                     None if lse is None else lse[n, b0 * Bq : b1 * Bq].view(nt, Bq),
+                     None if p_int is None else p_int[n, b0 - lo : b1 - lo])
     for r0, r1 in geo.padded:
         nb = r1 - r0
         qt, kt, vt, _, _ = _padded_tiles(q, k, v, geo, r0, r1)
         ok = geo.allowed(r0, r1)  # (nb, Bq, Kw)
         ot = q.new_empty(N * nb, Bq, Dv)
         lt = q.new_empty(N * nb, Bq) if want_lse else None
+        pt = q.new_empty(N * nb, Bq, Kw) if save_p else None
+        p_pad.append(pt)
         for i0, i1 in _ranges(N * nb, step):
             okb = ok[torch.arange(i0, i1, device=ok.device) % nb]
-            tile(qt[i0:i1], kt[i0:i1], vt[i0:i1], ot[i0:i1], okb, None if lt is None else lt[i0:i1])
+            tile(qt[i0:i1], kt[i0:i1], vt[i0:i1], ot[i0:i1], okb, None if lt is None else lt[i0:i1],
+                 None if pt is None else pt[i0:i1])
         out[:, r0 * Bq : r1 * Bq] = ot.view(N, nb * Bq, Dv)
         if lse is not None:
             lse[:, r0 * Bq : r1 * Bq] = lt.view(N, nb * Bq)
     if lpad != L:
         out = out[:, :L].contiguous()
         lse = None if lse is None else lse[:, :L].contiguous()
-    return out, lse
+    return out, lse, ((p_int, p_pad) if save_p else None)
 
 
-def _window_backward(q, k, v, out, dout, geo: _Geometry, scale: float, exact: bool):
-    """dq, dk, dv. Recomputes P tile by tile with the forward's own steps (no lse or P is saved):
+def _window_backward(q, k, v, out, dout, geo: _Geometry, scale: float, exact: bool, saved_p=None):
+    """dq, dk, dv. Uses the forward's P (``saved_p``) or recomputes it with the forward's own steps:
 
     dP = dO V^T ;  dS = P (dP - rowsum(dO * O)) ;  dQ = scale dS K ;  dK += scale dS^T Q ;  dV += P^T dO
     """
@@ -261,20 +272,24 @@ def _window_backward(q, k, v, out, dout, geo: _Geometry, scale: float, exact: bo
     step = geo.tiles_per_step()
     delta = (dout * out).sum(-1)  # (N, L): rowsum(dO * O)
     # a non-finite dO or O would turn the exact zeros of masked P into NaN in dS: clear them with where
-    exact = exact or not bool(torch.isfinite(delta).all())
+    exact_fwd, exact = exact, exact or not bool(torch.isfinite(delta).all())
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     s_buf = q.new_empty(step, Bq, Kw)
     ds_buf = q.new_empty(step, Bq, Kw)
 
-    def tile(qb, kb, vb, dob, dlt, ok):  # -> P, dS (nt, Bq, Kw); writes nothing else
+    p_int, p_pad = saved_p if saved_p is not None else (None, [None] * len(geo.padded))
+
+    def tile(qb, kb, vb, dob, dlt, ok, p=None):  # -> P, dS (nt, Bq, Kw); writes nothing else
         nt = qb.shape[0]
-        p, ds = s_buf[:nt], ds_buf[:nt]
-        p.baddbmm_(qb, kb.transpose(1, 2), beta=0, alpha=scale)
-        geo.mask(p, ok, exact)
-        torch.softmax(p, -1, out=p)
-        geo.clear(p, ok, exact)
+        ds = ds_buf[:nt]
+        if p is None:  # recompute P exactly as the forward did
+            p = s_buf[:nt]
+            p.baddbmm_(qb, kb.transpose(1, 2), beta=0, alpha=scale)
+            geo.mask(p, ok, exact_fwd)
+            torch.softmax(p, -1, out=p)
+            geo.clear(p, ok, exact_fwd)
         torch.bmm(dob, vb.transpose(1, 2), out=ds)  # dP = dO V^T
         ds.sub_(dlt).mul_(p)  # dS = P (dP - delta)
         geo.clear(ds, ok, exact)
@@ -289,14 +304,15 @@ def _window_backward(q, k, v, out, dout, geo: _Geometry, scale: float, exact: bo
                 qb = q[n, rows].view(nt, Bq, D)
                 dob = dout[n, rows].view(nt, Bq, Dv)
                 kb = _span(k[n], kf, nt, Bq, Kw)
-                p, ds = tile(qb, kb, _span(v[n], kf, nt, Bq, Kw), dob, delta[n, rows].view(nt, Bq, 1), None)
+                p, ds = tile(qb, kb, _span(v[n], kf, nt, Bq, Kw), dob, delta[n, rows].view(nt, Bq, 1), None,
+                             None if p_int is None else p_int[n, b0 - lo : b1 - lo])
                 dq[n, rows].view(nt, Bq, D).baddbmm_(ds, kb, beta=0, alpha=scale)  # dQ = scale dS K
                 for j in range(m):  # key sub-block j of every tile: distinct rows within one call
                     kr = slice(kf + j * Bq, kf + (j + nt) * Bq)
                     cols = slice(j * Bq, (j + 1) * Bq)
                     dv[n, kr].view(nt, Bq, Dv).baddbmm_(p[:, :, cols].transpose(1, 2), dob)  # dV += P^T dO
                     dk[n, kr].view(nt, Bq, D).baddbmm_(ds[:, :, cols].transpose(1, 2), qb, alpha=scale)
-    for r0, r1 in geo.padded:
+    for (r0, r1), pt in zip(geo.padded, p_pad, strict=True):
         nb = r1 - r0
         qt, kt, vt, (k0, k1), kfirst = _padded_tiles(q, k, v, geo, r0, r1)
         zero_pad = dout.new_zeros(N, nb * Bq - (min(L, r1 * Bq) - r0 * Bq), Dv)
@@ -308,7 +324,8 @@ def _window_backward(q, k, v, out, dout, geo: _Geometry, scale: float, exact: bo
         dvt = q.new_empty(N * nb, Kw, Dv)
         for i0, i1 in _ranges(N * nb, step):
             okb = ok[torch.arange(i0, i1, device=ok.device) % nb]
-            p, ds = tile(qt[i0:i1], kt[i0:i1], vt[i0:i1], dot[i0:i1], dlt[i0:i1], okb)
+            p, ds = tile(qt[i0:i1], kt[i0:i1], vt[i0:i1], dot[i0:i1], dlt[i0:i1], okb,
+                         None if pt is None else pt[i0:i1])
             dqt[i0:i1].baddbmm_(ds, kt[i0:i1], beta=0, alpha=scale)
             dkt[i0:i1].baddbmm_(ds.transpose(1, 2), qt[i0:i1], beta=0, alpha=scale)
             torch.bmm(p.transpose(1, 2), dot[i0:i1], out=dvt[i0:i1])
@@ -330,11 +347,13 @@ def _bounded(q: Tensor, k: Tensor, scale: float) -> bool:
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float, want_lse: bool):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, geo: _Geometry, scale: float, want_lse: bool,
+                training: bool):
         exact = not _bounded(q, k, scale)
-        out, lse = _window_forward(q, k, v, geo, scale, exact, want_lse)
+        save_p = training and q.shape[0] * geo.nbq * geo.Bq * geo.Kw * q.element_size() <= _SAVE_P_BYTES
+        out, lse, saved_p = _window_forward(q, k, v, geo, scale, exact, want_lse, save_p)
         ctx.save_for_backward(q, k, v, out)
-        ctx.geo, ctx.scale, ctx.exact = geo, scale, exact
+        ctx.geo, ctx.scale, ctx.exact, ctx.saved_p = geo, scale, exact, saved_p
         if lse is None:
             lse = out.new_empty(0)
         ctx.mark_non_differentiable(lse)
@@ -343,8 +362,10 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor, _dlse: Tensor):
         q, k, v, out = ctx.saved_tensors
-        dq, dk, dv = _window_backward(q, k, v, out, dout.to(q.dtype).contiguous(), ctx.geo, ctx.scale, ctx.exact)
-        return dq, dk, dv, None, None, None
+        saved_p, ctx.saved_p = ctx.saved_p, None  # P is used once: free it with the step
+        dq, dk, dv = _window_backward(q, k, v, out, dout.to(q.dtype).contiguous(), ctx.geo, ctx.scale, ctx.exact,
+                                      saved_p)
+        return dq, dk, dv, None, None, None, None
 
 
 def window_attention(query: Tensor, key: Tensor, value: Tensor, *, left: int, right: int,
@@ -366,8 +387,9 @@ def window_attention(query: Tensor, key: Tensor, value: Tensor, *, left: int, ri
         query, key, value: floating tensors of one dtype; batch dims broadcast.
         left, right: keys before / after the aligned diagonal (>= 0; ``right=0`` = causal window).
         scale: score multiplier.
-        block: query rows per tile; a tile holds ``block + left + right`` keys.
-        return_weights: also return dense weights (*b, L, S), rebuilt from the saved log-sum-exp.
+        block: query rows per tile (default 64); a tile holds ``block * ceil((block + left + right) / block)``
+            keys, so work is about ``L * (block + left + right)`` pairs.
+        return_weights: also return dense weights (*b, L, S), rebuilt from the log-sum-exp.
 
     Returns:
         ``out`` (*b, L, Dv) or ``(out, weights)``.
@@ -400,7 +422,9 @@ def window_attention(query: Tensor, key: Tensor, value: Tensor, *, left: int, ri
     def prep(x: Tensor) -> Tensor:  # (*b, n, d) -> (N, n, d) contiguous in the accumulation dtype
         return x.reshape(N, *x.shape[-2:]).to(acc).contiguous()
 
-    out, lse = _WindowAttention.apply(prep(q), prep(k), prep(v), geo, float(scale), return_weights)
+    q_, k_, v_ = prep(q), prep(k), prep(v)
+    training = torch.is_grad_enabled() and (q_.requires_grad or k_.requires_grad or v_.requires_grad)
+    out, lse = _WindowAttention.apply(q_, k_, v_, geo, float(scale), return_weights, training)
     out = out.reshape(*batch, L, v.shape[-1]).to(query.dtype)  # (*b, L, Dv)
     if not return_weights:
         return out
