@@ -168,3 +168,15 @@ def test_additive_fast_path_float64_reference_default_tiles():
          @ w_v.double())  # (B, H, L, S) broadcast in float64
     ref, _ = softmax_from_scores_ref(s, v, None)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_additive_reused_buffer_equals_autograd_tiles(tiny_tiles):
+    """Without autograd the tiles share one buffer (last tiles smaller); the output is the autograd path's."""
+    q, k, v = _qkv(B=2, H=1, L=11, S=7, D=3)
+    w_q, w_k, w_v = _additive_weights(3, 3, grad=True)
+    score = functools.partial(scores.additive, w_q=w_q, w_k=w_k, w_v=w_v)
+    with torch.no_grad():
+        fast = chunked_attention(q, k, v, score=score, chunk_size=3)
+    tracked = chunked_attention(q, k, v, score=score, chunk_size=3)
+    assert tracked.requires_grad
+    torch.testing.assert_close(fast, tracked.detach(), rtol=0, atol=1e-6)

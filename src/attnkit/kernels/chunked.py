@@ -54,16 +54,37 @@ def _scores_for(score: Callable, q: Tensor, k: Tensor, scale: float | None) -> T
     return s if scale is None else s * scale
 
 
-def _additive_projected(q_h: Tensor, k_h: Tensor, w_v: Tensor) -> Tensor:
-    """``w_v^T tanh(q_h + k_h)`` for projected queries ``q_h = W_q q`` and keys ``k_h = W_k k``.
+class _AdditiveTile:
+    """``w_v^T tanh(q_h + k_h)`` for projected queries ``q_h = W_q q`` and keys ``k_h = W_k k``, tile by tile.
+
+    Without autograd every tile writes into one reused ``(*b, R, C, hidden)`` buffer (a fresh multi-MiB
+    tensor per tile costs page faults that, on a CPU, take longer than the tanh); with autograd each tile gets
+    its own tensor, as checkpointing needs.
 
     Shape:
         q_h (*b, R, hidden), k_h (*b, C, hidden), w_v (hidden,) -> (*b, R, C).
     """
-    # tanh(W_q q + W_k k), in place on the one (R, C, hidden) buffer
-    features = torch.tanh_(q_h.unsqueeze(-2) + k_h.unsqueeze(-3))  # (*b, R, C, hidden)
-    # w_v^T tanh(...)
-    return features @ w_v  # (*b, R, C)
+
+    def __init__(self, w_v: Tensor):
+        self.w_v = w_v
+        self.buffer: Tensor | None = None
+
+    def __call__(self, q_h: Tensor, k_h: Tensor) -> Tensor:
+        q4, k4 = q_h.unsqueeze(-2), k_h.unsqueeze(-3)  # (*b, R, 1, hidden), (*b, 1, C, hidden)
+        if torch.is_grad_enabled() and (q_h.requires_grad or k_h.requires_grad or self.w_v.requires_grad):
+            # tanh(W_q q + W_k k), in place on the tile's own tensor
+            features = torch.tanh_(q4 + k4)  # (*b, R, C, hidden)
+        else:
+            shape = torch.broadcast_shapes(q4.shape, k4.shape)
+            n = math.prod(shape)
+            dtype = torch.result_type(q_h, k_h)
+            if self.buffer is None or self.buffer.numel() < n or self.buffer.dtype != dtype:
+                self.buffer = torch.empty(n, dtype=dtype, device=q_h.device)
+            features = self.buffer[:n].view(shape)  # (*b, R, C, hidden)
+            # tanh(W_q q + W_k k), in place in the reused buffer
+            torch.tanh_(torch.add(q4, k4, out=features))
+        # w_v^T tanh(...)
+        return features @ self.w_v  # (*b, R, C)
 
 
 def _additive_weights(score: Callable, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -186,7 +207,7 @@ def chunked_attention(
         # W_q q and W_k k, once for every tile
         q_in = query @ w_q.transpose(0, 1)  # (*b, L, hidden)
         k_in = key @ w_k.transpose(0, 1)  # (*b, S, hidden)
-        tile_score = functools.partial(_additive_projected, w_v=w_v)
+        tile_score = _AdditiveTile(w_v)
     R, C = _tiling(L, S, nb, None if additive is None else w_v.shape[0], chunk_size)
     row_blocks = [(r0, min(L, r0 + R)) for r0 in range(0, L, R)] or [(0, 0)]
     col_chunks = [(c0, min(S, c0 + C)) for c0 in range(0, S, C)]
