@@ -9,6 +9,8 @@ One deliberate difference from d2l: a query with ``valid_len == 0`` gets zero we
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -111,7 +113,9 @@ class AdditiveAttention(nn.Module):
         if keys.shape[-1] != self.W_k.in_features:
             raise ValueError(f"keys must have last dim key_size = {self.W_k.in_features}, got {tuple(keys.shape)}")
         mask = _padding_mask(valid_lens, queries, keys)
-        return attention(queries, keys, values, score=self.score, mask=mask,
+        # bound by keyword, the kernels recognize the additive score and project queries/keys once (not per tile)
+        score = functools.partial(additive, w_q=self.W_q.weight, w_k=self.W_k.weight, w_v=self.w_v.weight[0])
+        return attention(queries, keys, values, score=score, mask=mask,
                          dropout_p=self.dropout if self.training else 0.0, return_weights=return_weights)
 
     def extra_repr(self) -> str:
