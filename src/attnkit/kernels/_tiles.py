@@ -138,7 +138,7 @@ def plan_from_mask(mask: _masks.Mask, L: int, S: int, *, block: int = 128, batch
     any tensor of the mask is edited in place or replaced.
     """
     key = ("plan", L, S, block, batch_ndim, str(device))
-    return _cached(mask, "_attnkit_plan", key, lambda: _build_plan(mask, L, S, block, batch_ndim, device))
+    return cached_on_mask(mask, "_attnkit_plan", key, lambda: _build_plan(mask, L, S, block, batch_ndim, device))
 
 
 def _build_plan(mask: _masks.Mask, L: int, S: int, block: int, batch_ndim: int, device) -> Plan:
@@ -197,14 +197,15 @@ def cached_block_mask(mask: _masks.Mask, L: int, S: int, block: int, device=None
     pass over L x S, so it is computed once per mask and shape.
     """
     key = ("tiles", L, S, block, str(device))
-    return _cached(mask, "_attnkit_tiles", key,
+    return cached_on_mask(mask, "_attnkit_tiles", key,
                    lambda: mask.block_mask(L, S, block, device=device).to(torch.bool))
 
 
-def _cached(mask: _masks.Mask, attr: str, key: tuple, build):
+def cached_on_mask(mask: _masks.Mask, attr: str, key: tuple, build):
     """``build()``, remembered on ``mask.<attr>`` under ``key`` and the identity and version of every tensor of
     the mask (an in-place edit bumps the version; a replaced tensor has another identity: the entry holds the
-    old tensors, so their ids cannot be reused while it lives)."""
+    old tensors, so their ids cannot be reused while it lives). Any per-mask derived value (tiles, plans, the
+    keys no query uses) can be remembered this way."""
     tensors: list[Tensor] = []
     full_key = (key, _state(mask, tensors))
     hit = getattr(mask, attr, None)
