@@ -394,3 +394,24 @@ def test_gradcheck_non_contiguous_packed_qkv(gen, backend):
         return attention(q, k, v, mask=mask, backend=backend)
 
     assert gradcheck(fn, (packed,))
+
+
+def test_unused_keys_remembered_on_a_dense_mask_follow_in_place_edits():
+    # the keys no query may see are remembered on the mask; an in-place edit must not reuse the old answer,
+    # or NaN sitting in a newly unused key would leak (0 * NaN)
+    from attnkit import masks
+    from attnkit.functional import attention
+
+    allowed = torch.ones(4, 6, dtype=torch.bool)
+    allowed[:, 3] = False
+    m = masks.dense(allowed)
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for n in (4, 6, 6))
+    for bad in (3, 5):
+        if bad == 5:
+            allowed[:, 3], allowed[:, 5] = True, False  # in place: key 3 is used now, key 5 is not
+        k2, v2 = k.clone(), v.clone()
+        k2[..., bad, :], v2[..., bad, :] = float("nan"), float("nan")
+        out = attention(q, k2, v2, mask=m, backend="math")
+        keep = torch.tensor([j != bad for j in range(6)])
+        ref = attention(q, k[..., keep, :], v[..., keep, :], backend="math")
+        torch.testing.assert_close(out, ref)

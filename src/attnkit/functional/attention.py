@@ -25,6 +25,7 @@ from attnkit import masks as _masks
 from attnkit._checks import check_broadcast, check_probability, check_tensor
 from attnkit.functional import scores as _scores
 from attnkit.functional.softmax import NORMALIZERS
+from attnkit.kernels._tiles import cached_on_mask
 
 __all__ = ["attention"]
 
@@ -218,16 +219,9 @@ def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> 
         lo = S - L - mask.left if mask.left is not None else -S
         hi = S - 1 + mask.right if mask.right is not None else 2 * S
         return ((j < lo) | (j > hi) | (L == 0)).unsqueeze(-1)  # (S, 1)
-    if isinstance(mask, _masks.Graph):
-        used = torch.zeros(S, dtype=torch.bool, device=device)
-        used[mask.edge_index[0].to(device)] = True  # a key is used if it is the source of an edge
-        return (~used).unsqueeze(-1)  # (S, 1)
-    if isinstance(mask, _masks.Dense):
-        t = mask.materialize(L, S, device=device)
-        if t.shape[-1] != S:
-            return None
-        used = t if t.ndim == 1 else t.any(-2)  # (..., S): may any query attend this key?
-        return (~used).unsqueeze(-1)  # (..., S, 1)
+    if isinstance(mask, (_masks.Graph, _masks.Dense)):  # O(E) / O(L S): remembered on the mask until it changes
+        return cached_on_mask(mask, "_attnkit_unused", ("unused", L, S, str(device)),
+                              lambda: _unused_keys_of_tensor_mask(mask, L, S, device))
     if isinstance(mask, (_masks.And, _masks.Or)):
         a = _unused_keys(mask.a, L, S, batch_ndim, device)
         b = _unused_keys(mask.b, L, S, batch_ndim, device)
@@ -235,6 +229,18 @@ def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> 
             return a if b is None else b if a is None else a | b
         return None if a is None or b is None else a & b
     return None
+
+
+def _unused_keys_of_tensor_mask(mask: _masks.Graph | _masks.Dense, L: int, S: int, device) -> Tensor | None:
+    if isinstance(mask, _masks.Graph):
+        used = torch.zeros(S, dtype=torch.bool, device=device)
+        used[mask.edge_index[0].to(device)] = True  # a key is used if it is the source of an edge
+        return (~used).unsqueeze(-1)  # (S, 1)
+    t = mask.materialize(L, S, device=device)
+    if t.shape[-1] != S:
+        return None
+    used = t if t.ndim == 1 else t.any(-2)  # (..., S): may any query attend this key?
+    return (~used).unsqueeze(-1)  # (..., S, 1)
 
 
 def _sanitize_unused_keys(mask, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,9 +31,11 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from attnkit import masks as _masks
 from attnkit.functional import scores as _scores
+from attnkit.kernels._tiles import cached_on_mask
 from attnkit.kernels.math import math_attention
 from attnkit.kernels.sdpa import sdpa_attention
 from attnkit.kernels.sdpa import supports as sdpa_supports
@@ -111,6 +113,13 @@ def _graph_supports(*, mask=None, **request) -> str | None:
     return None
 
 
+def _unique_edges(ei: Tensor, N: int) -> Tensor:
+    """A dense mask counts an edge once: drop duplicate edges so both agree. Sorted by destination, which the
+    graph kernel then uses as is. ``(2, E)`` sources, destinations."""
+    flat = torch.unique(ei[1] * max(N, 1) + ei[0])  # (E,): 1-D unique is much faster than unique(dim=1)
+    return torch.stack([flat % max(N, 1), flat // max(N, 1)])
+
+
 def _graph_run(query, key, value, *, score, mask, bias, normalize, scale, dropout_p, return_weights):
     from attnkit.kernels.graph import graph_attention
 
@@ -122,10 +131,8 @@ def _graph_run(query, key, value, *, score, mask, bias, normalize, scale, dropou
     q = query.expand(*batch, N, D).reshape(nb, N, D).transpose(0, 1)  # (N, nb, D)
     k = key.expand(*batch, N, D).reshape(nb, N, D).transpose(0, 1)  # (N, nb, D)
     v = value.expand(*batch, N, Dv).reshape(nb, N, Dv).transpose(0, 1)  # (N, nb, Dv)
-    # a dense mask counts an edge once: drop duplicate edges so both agree
-    ei = mask.edge_index.to(query.device)
-    flat = torch.unique(ei[1] * max(N, 1) + ei[0])  # (E,): 1-D unique is much faster than unique(dim=1)
-    edge_index = torch.stack([flat % max(N, 1), flat // max(N, 1)])  # (2, E): sources, destinations
+    edge_index = cached_on_mask(mask, "_attnkit_edges", ("edges", N, str(query.device)),
+                                lambda: _unique_edges(mask.edge_index.to(query.device), N))  # (2, E)
     out, w = graph_attention(q, k, v, edge_index, scale=_dot_scale(query, score, scale), return_weights=True)
     out = out.transpose(0, 1).reshape(*batch, N, Dv)  # (*b, N, Dv)
     if not return_weights:
