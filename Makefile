@@ -22,8 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
 
-bench: $(STAMP)
-	$(BIN)/attnkit bench --out runs/bench
+# the benchmark's optional anchors (PyTorch Geometric's GATConv, lucidrains' local-attention), small pure-Python
+# packages; torch is already installed, so pip keeps the CPU build
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	OMP_NUM_THREADS=2 $(BIN)/attnkit bench --out runs/bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
