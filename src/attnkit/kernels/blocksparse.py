@@ -11,7 +11,11 @@ computed together with batched matmuls on one gather of the keys per step:
 A tile is empty (skipped), fully kept (no mask at all) or partial (its own boolean tile is applied). The query
 blocks are gathered once per call in group order, so each step reads one contiguous slice of them. Work and
 memory are O(number of covered pairs); no (L, S) tensor is built (unless the caller asks for dense weights).
-Without gradients and weights the log-sum-exp is not needed and unmasked groups use the fused softmax.
+A group with no partial tile has nothing left to mask: on the CPU its steps run PyTorch's fused attention kernel
+(the one behind ``F.scaled_dot_product_attention``, forward and backward, log-sum-exp included) on the gathered
+keys, which keeps its scores in cache instead of writing them out; the other groups use the batched matmuls
+below (and the GPU uses them for every group). Without gradients and weights the log-sum-exp is not needed and
+unmasked groups use the fused softmax.
 Backward (custom autograd) recomputes P = exp(S - lse) tile by tile from the saved log-sum-exp, as
 FlashAttention does, and saves only q, k, v, out and lse:
 
@@ -38,23 +42,59 @@ __all__ = ["blocksparse_attention", "Group", "Plan", "cached_block_mask", "plan_
            "weights_from_lse"]
 
 _BUDGET = 1 << 18  # score elements per step (batch included): a step's scores stay in the L2 cache
+_FUSED_BUDGET = 1 << 20  # gathered key and value elements per step of a fused group (4 MiB in float32)
+_FUSED_HEADS = 1 << 22  # key and value elements of the batch rows a fused pass reads (16 MiB: they stay in L3)
+
+# PyTorch's fused CPU attention (flash-style: tiled online softmax, returns the log-sum-exp) and its backward;
+# the ops behind F.scaled_dot_product_attention on the CPU, private but present since torch 2.2
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _steps(grp: Group, N: int, Bq: int):
-    """``(n0, n1), (a, b)``: batch rows and group rows of one step, at most ``_BUDGET`` score elements, so the
-    scores of a step stay in cache (small steps split the batch, large groups one block at a time)."""
-    G, Kw = grp.kidx.shape
-    per = max(1, Bq * Kw)  # score elements of one block and one batch row
-    if N * per <= _BUDGET:
-        step = max(1, _BUDGET // (N * per))
+def _fused(grp: Group, q: Tensor, v: Tensor) -> bool:
+    """Whether the group's steps run on PyTorch's fused CPU kernel: whole tiles with nothing to mask, on the CPU,
+    and values as wide as queries (the kernel's requirement)."""
+    return (not grp.masked and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+            and _FLASH is not None and _FLASH_BWD is not None)
+
+
+def _fused_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor):
+    """``grp, sl, (n0, n1), flat``: the steps of the fused groups, batch rows outermost (each pass re-reads the keys
+    and values of a few batch rows, which then stay in cache), ``sl`` the group rows' slice of the blocks in group
+    order and ``flat`` their key indices (g * Kw,)."""
+    N, S = k.shape[0], k.shape[1]
+    per_row = max(1, S * (k.shape[-1] + v.shape[-1]))
+    nrows = max(1, min(N, _FUSED_HEADS // per_row))
+    starts, start = [], 0
+    for grp in plan.groups:
+        starts.append(start)
+        start += grp.qblocks.shape[0]
+    for r0 in range(0, N, nrows):
+        r1 = min(N, r0 + nrows)
+        for grp, st in zip(plan.groups, starts, strict=True):
+            if not _fused(grp, q, v):
+                continue
+            Kw = grp.kidx.shape[1]
+            for (n0, n1), (a, b) in _steps(grp, r1 - r0, Kw * (k.shape[-1] + v.shape[-1]), _FUSED_BUDGET):
+                yield grp, slice(st + a, st + b), (r0 + n0, r0 + n1), grp.kidx[a:b].flatten()
+
+
+def _steps(grp: Group, N: int, per: int, budget: int = _BUDGET):
+    """``(n0, n1), (a, b)``: batch rows and group rows of one step, at most ``budget`` elements when one block of
+    one batch row needs ``per`` (its scores, or its gathered keys and values), so a step stays in cache (small
+    steps split the batch, large groups one block at a time)."""
+    G = grp.kidx.shape[0]
+    per = max(1, per)
+    if N * per <= budget:
+        step = max(1, budget // (N * per))
         for a in range(0, G, step):
             yield (0, N), (a, min(G, a + step))
     else:
-        nstep = max(1, _BUDGET // per)
+        nstep = max(1, budget // per)
         for a in range(G):
             for n0 in range(0, N, nstep):
                 yield (n0, min(N, n0 + nstep)), (a, a + 1)
@@ -143,8 +183,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, batch: t
     start = 0
     for grp in plan.groups:
         Kw = grp.kidx.shape[1]
+        if _fused(grp, q, v):  # below
+            start += grp.qblocks.shape[0]
+            continue
         masks = _flat_masks(grp, batch)
-        for (n0, n1), (a, b) in _steps(grp, N, Bq):
+        for (n0, n1), (a, b) in _steps(grp, N, Bq * Kw):
             flat = grp.kidx[a:b].flatten()  # (g * Kw,)
             kb = k[n0:n1].index_select(1, flat).unflatten(1, (b - a, Kw))  # (n, g, Kw, D)
             vb = v[n0:n1].index_select(1, flat).unflatten(1, (b - a, Kw))  # (n, g, Kw, Dv)
@@ -164,6 +207,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, batch: t
             out_s[n0:n1, sl] = o.div_(torch.where(l > 0, l, torch.ones_like(l))) if grp.masked else o.div_(l)
             lse_s[n0:n1, sl] = l.log_().add_(m)  # lse = m + log l (-inf on empty rows)
         start += grp.qblocks.shape[0]
+    # groups with nothing to mask: O, lse = the fused kernel on each block and its gathered keys
+    for grp, sl, (n0, n1), flat in _fused_steps(plan, q, k, v):
+        g, Kw = sl.stop - sl.start, grp.kidx.shape[1]
+        kb = k[n0:n1].index_select(1, flat).unflatten(1, (g, Kw))  # (n, g, Kw, D)
+        vb = v[n0:n1].index_select(1, flat).unflatten(1, (g, Kw))  # (n, g, Kw, Dv)
+        o, lse = _FLASH(qs[n0:n1, sl], kb, vb, scale=1.0)  # (n, g, Bq, Dv), (n, g, Bq)
+        out_s[n0:n1, sl] = o
+        lse_s[n0:n1, sl] = lse.unsqueeze(-1)
     out = _scatter_blocks(out_s, rows, L)  # (N, L, Dv)
     if not need_lse:
         return out, None
@@ -181,14 +232,18 @@ def _backward(q, k, v, out, lse, dout, plan: Plan, scale: float, batch: tuple):
     delta = _gather_blocks((dout * out).sum(-1, keepdim=True), rows, Bq)  # (N, n, Bq, 1)
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # empty rows: P = 0
     lse_s = _gather_blocks(lse.unsqueeze(-1), rows, Bq)  # (N, n, Bq, 1); padded rows are masked anyway
+    outs = _gather_blocks(out, rows, Bq) if any(_fused(g, q, v) for g in plan.groups) else None  # (N, n, Bq, Dv)
     dq_s = torch.empty_like(qs)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     start = 0
     for grp in plan.groups:
         Kw = grp.kidx.shape[1]
+        if _fused(grp, q, v):  # below
+            start += grp.qblocks.shape[0]
+            continue
         masks = _flat_masks(grp, batch)
-        for (n0, n1), (a, b) in _steps(grp, N, Bq):
+        for (n0, n1), (a, b) in _steps(grp, N, Bq * Kw):
             flat = grp.kidx[a:b].flatten()
             kb = k[n0:n1].index_select(1, flat).unflatten(1, (b - a, Kw))  # (n, g, Kw, D)
             vb = v[n0:n1].index_select(1, flat).unflatten(1, (b - a, Kw))  # (n, g, Kw, Dv)
@@ -204,6 +259,16 @@ def _backward(q, k, v, out, lse, dout, plan: Plan, scale: float, batch: tuple):
             dq_s[n0:n1, sl] = torch.matmul(ds, kb)  # dQ = scale dS K (scale below)
             dk[n0:n1].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qb).flatten(1, 2))  # dK += dS^T (sQ)
         start += grp.qblocks.shape[0]
+    # groups with nothing to mask: the fused kernel's backward on the gathered keys, dK and dV added to their rows
+    for grp, sl, (n0, n1), flat in _fused_steps(plan, q, k, v):
+        g, Kw = sl.stop - sl.start, grp.kidx.shape[1]
+        kb = k[n0:n1].index_select(1, flat).unflatten(1, (g, Kw))  # (n, g, Kw, D)
+        vb = v[n0:n1].index_select(1, flat).unflatten(1, (g, Kw))  # (n, g, Kw, Dv)
+        gq, gk, gv = _FLASH_BWD(dos[n0:n1, sl], qs[n0:n1, sl], kb, vb, outs[n0:n1, sl], lse_s[n0:n1, sl, :, 0],
+                                0.0, False, scale=1.0)
+        dq_s[n0:n1, sl] = gq  # gradient of the scaled queries (scale below)
+        dk[n0:n1].index_add_(1, flat, gk.flatten(1, 2))
+        dv[n0:n1].index_add_(1, flat, gv.flatten(1, 2))
     return _scatter_blocks(dq_s.mul_(scale), rows, L), dk, dv
 
 
