@@ -166,7 +166,9 @@ def _scatter_blocks(xs: Tensor, rows: Tensor, L: int, fill: float = 0.0) -> Tens
     """Inverse of :func:`_gather_blocks`: (N, n, Bq, d) -> (N, L, d), ``fill`` on rows no block covers."""
     flat = xs.flatten(-3, -2)  # (N, n * Bq, d)
     n_rows = max(L, int(rows.max()) + 1) if rows.numel() else L
-    full = flat.new_full((*flat.shape[:-2], n_rows, flat.shape[-1]), fill)
+    shape = (*flat.shape[:-2], n_rows, flat.shape[-1])
+    # rows are distinct, so when there are n_rows of them every row is written: no fill pass needed
+    full = flat.new_empty(shape) if rows.numel() == n_rows else flat.new_full(shape, fill)
     return full.index_copy_(-2, rows, flat)[..., :L, :]
 
 
