@@ -29,7 +29,7 @@ $(VENV)/.bench-installed: $(STAMP)
 	touch $@
 
 bench: $(VENV)/.bench-installed
-	OMP_NUM_THREADS=2 $(BIN)/attnkit bench --out runs/bench
+	OMP_NUM_THREADS=2 $(BIN)/attnkit bench --repeats 9 --out runs/bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from attnkit._io import save_figure_atomic, write_json_atomic, write_text_atomic
 
 
 def rows(results: list[dict]) -> list[list[str]]:
@@ -39,24 +38,12 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: Path, payload: dict) -> None:
-    _atomic_write(path, json.dumps(payload, indent=2).encode())
+    write_json_atomic(path, payload)
 
 
 def write_text(path: Path, text: str) -> None:
-    _atomic_write(path, text.encode())
+    write_text_atomic(path, text)
 
 
 def write_plot(path: Path, results: list[dict]) -> bool:
@@ -84,13 +71,8 @@ def write_plot(path: Path, results: list[dict]) -> bool:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        save_figure_atomic(fig, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True
