@@ -43,7 +43,7 @@ __all__ = ["blocksparse_attention", "Group", "Plan", "cached_block_mask", "plan_
 
 _BUDGET = 1 << 18  # score elements per step (batch included): a step's scores stay in the L2 cache
 _FUSED_BUDGET = 1 << 20  # gathered key and value elements per step of a fused group (4 MiB in float32)
-_FUSED_HEADS = 1 << 22  # key and value elements of the batch rows a fused pass reads (16 MiB: they stay in L3)
+_FUSED_HEADS = 1 << 20  # key and value elements of the batch rows a fused pass reads (4 MiB: they stay in L3)
 
 # PyTorch's fused CPU attention (flash-style: tiled online softmax, returns the log-sum-exp) and its backward;
 # the ops behind F.scaled_dot_product_attention on the CPU, private but present since torch 2.2
