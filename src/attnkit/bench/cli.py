@@ -13,6 +13,7 @@ and how the needed work (GFLOP/s) is counted.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import sys
@@ -59,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     chosen = [c for c in all_cases if pattern.search(c.id)]
     results = []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is in the [tasks] extra; the bench runs without it
+    from attnkit._progress import progress as tqdm
+
+    if importlib.util.find_spec("tqdm") is None:  # tqdm is in the [tasks] extra; the bench runs without it
         def tqdm(x, **_):
             return x
     t_start = time.perf_counter()

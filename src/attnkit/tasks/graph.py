@@ -303,7 +303,7 @@ def _error(msg: str) -> int:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
+    from attnkit._progress import progress as tqdm
 
     if args.seeds < 1:
         return _error(f"--seeds must be >= 1; got {args.seeds}")

@@ -58,8 +58,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from attnkit._progress import progress as tqdm
     from attnkit.tasks.lm_model import CharLM
 
     if args.quick:
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
         val = validation_loss(model, val_data, args.context)
         prompt = "\n".join(text[split:].split("\n")[1:3]) + "\n"
         sample = "".join(vocab[i] for i in greedy(model, [stoi[c] for c in prompt], 60))
@@ -163,7 +162,7 @@ def time_generation(models: dict, length: int, *, desc: str = "generate") -> dic
 
     The models take turns token by token, so a burst of load from other processes hits all of them alike.
     """
-    from tqdm import tqdm
+    from attnkit._progress import progress as tqdm
 
     states = {k: m.eval().init_state(1, length) for k, m in models.items()}
     toks = {k: torch.zeros(1, dtype=torch.long) for k in models}

@@ -66,8 +66,7 @@ def _take(items: list, n: int) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from attnkit._progress import progress as tqdm
     from attnkit.tasks import speech_data as sd
     from attnkit.tasks.datasets import fsdd
     from attnkit.tasks.speech_model import SpeechTransformer
@@ -134,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(model, train, test, mean, std, args, *, label: str) -> dict:
-    from tqdm import tqdm
-
+    from attnkit._progress import progress as tqdm
     from attnkit.tasks import speech_data as sd
 
     gen = torch.Generator().manual_seed(args.seed)

@@ -68,8 +68,7 @@ def _parse_sizes(text: str, n_train: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from attnkit._progress import progress as tqdm
     from attnkit.tasks import vision_models as vm
 
     if args.quick:

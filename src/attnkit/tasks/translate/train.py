@@ -175,7 +175,7 @@ class _StopFlag:
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from attnkit._progress import progress as tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
@@ -264,7 +264,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
                 tokens_epoch += n_tok
                 if bar is not None:
                     rate = tokens_epoch / max(time.perf_counter() - t_epoch, 1e-9)
-                    bar.set_postfix(loss=f"{sums['loss'] / max(sums['tokens'], 1):.3f}", tok_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{sums['loss'] / max(sums['tokens'], 1):.3f}", tok_s=f"{rate:.0f}",
+                                    refresh=False)  # drawn by update(), at the bar's pace
                     bar.update(1)
                 if on_step is not None:
                     on_step(global_step)
