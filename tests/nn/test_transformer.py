@@ -156,3 +156,31 @@ def test_errors():
         TransformerDecoderLayer(8, 2)(torch.randn(1, 3, 8), torch.randn(3, 8))
     with pytest.raises(ValueError, match="ff_dim"):
         TransformerEncoderLayer(8, 2, ff_dim=0)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_decoder_with_a_prefix_equals_the_whole_sequence_at_the_new_positions(norm_first):
+    """Incremental decoding: feeding positions P.. with the layer's earlier inputs as ``prefix`` gives exactly
+    what the whole sequence gives there, one step at a time too, weights included."""
+    torch.manual_seed(0)
+    layer = TransformerDecoderLayer(16, 4, 32, norm_first=norm_first).eval()
+    x, memory = torch.randn(3, 7, 16), torch.randn(3, 5, 16)
+    mem_mask = masks.padding(torch.tensor([5, 3, 1]))
+    full, sw, cw = layer(x, memory, self_mask=masks.causal(), memory_mask=mem_mask, need_weights=True)
+    part, psw, pcw = layer(x[:, 4:], memory, self_mask=masks.causal(), memory_mask=mem_mask, need_weights=True,
+                           prefix=x[:, :4])
+    torch.testing.assert_close(part, full[:, 4:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(psw, sw[:, :, 4:], rtol=1e-5, atol=1e-6)  # (B, H, 3, 7)
+    torch.testing.assert_close(pcw, cw[:, :, 4:], rtol=1e-5, atol=1e-6)
+    for t in range(7):  # one new position per call, no mask needed
+        step = layer(x[:, t : t + 1], memory, memory_mask=mem_mask, prefix=x[:, :t])
+        torch.testing.assert_close(step, full[:, t : t + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_prefix_errors():
+    layer = TransformerDecoderLayer(8, 2)
+    x, memory = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match=r"prefix must be a \(B, P, E\) = \(2, P, 8\)"):
+        layer(x, memory, prefix=torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match="prefix must be"):
+        layer(x, memory, prefix=torch.randn(1, 3, 8))

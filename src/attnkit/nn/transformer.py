@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -196,6 +197,7 @@ class TransformerDecoderLayer(_LayerBase):
         self_bias: Tensor | None = None,
         memory_bias: Tensor | None = None,
         need_weights: bool = False,
+        prefix: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """Apply the layer.
 
@@ -206,6 +208,11 @@ class TransformerDecoderLayer(_LayerBase):
             memory_mask: True = may attend, over ``(L, S)``; usually ``masks.padding(source_lengths)``.
             self_bias, memory_bias: additive float terms on the two attentions' scores.
             need_weights: also return both attentions' per-head weights.
+            prefix: this layer's inputs at the ``P`` earlier positions ``(B, P, E)``, for decoding one step at a
+                time: the self-attention reads its keys and values from ``cat(prefix, x)`` and ``x`` holds
+                positions ``P .. P + L - 1`` (``masks.causal()`` aligns bottom-right, so it stays right; a single
+                new position needs no mask). The outputs equal those of the whole sequence at these positions,
+                without recomputing the earlier ones. Self weights are then ``(B, H, L, P + L)``.
 
         Returns:
             ``x``, or ``(x, self_weights (B, H, L, L), cross_weights (B, H, L, S))``.
@@ -217,7 +224,16 @@ class TransformerDecoderLayer(_LayerBase):
             got = tuple(memory.shape) if isinstance(memory, Tensor) else type(memory).__name__
             raise ValueError(f"memory must be a (B, S, E_m) tensor (encoder output); got {got}.")
         h = self.norm1(x) if self.norm_first else x
-        res = self.self_attn(h, mask=self_mask, bias=self_bias, need_weights=need_weights)
+        kv = None  # self-attention over x alone
+        if prefix is not None:
+            if not isinstance(prefix, Tensor) or prefix.ndim != 3 or prefix.shape[0] != x.shape[0] \
+                    or prefix.shape[2] != x.shape[2]:
+                got = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix).__name__
+                raise ValueError(f"prefix must be a (B, P, E) = ({x.shape[0]}, P, {x.shape[2]}) tensor of this "
+                                 f"layer's earlier inputs; got {got}.")
+            ctx = torch.cat([prefix, x], 1)  # (B, P + L, E)
+            kv = self.norm1(ctx) if self.norm_first else ctx
+        res = self.self_attn(h, kv, mask=self_mask, bias=self_bias, need_weights=need_weights)
         a, self_weights = res if need_weights else (res, None)
         x = x + self.dropout1(a) if self.norm_first else self.norm1(x + self.dropout1(a))  # (B, L, E)
         h = self.norm2(x) if self.norm_first else x

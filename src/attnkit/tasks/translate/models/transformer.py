@@ -89,12 +89,24 @@ class TransformerSeq2Seq(Seq2Seq):
 
     def encode(self, src, src_lens):
         memory, _ = self._encode(src, src_lens)
-        prefix = torch.empty(src.shape[0], 0, dtype=torch.long, device=src.device)
-        return memory, src_lens, prefix  # (B, S, d), (B,), (B, t)
+        empty = memory.new_zeros(src.shape[0], 0, self.d)
+        # (B, S, d), (B,), then per decoder layer its inputs at the positions decoded so far (B, t, d)
+        return (memory, src_lens, *[empty] * len(self.dec_layers))
 
     def step(self, y_prev, state):
-        memory, src_lens, prefix = state
-        prefix = torch.cat([prefix, y_prev[:, None]], dim=1)  # (B, t + 1)
+        """One output word. Each layer attends from the new position to its own inputs at the earlier positions
+        (kept in ``state``), so a step costs O(t) attention and O(1) feed-forward instead of re-running the
+        whole prefix; the logits equal those of :meth:`forward` on the prefix."""
+        memory, src_lens, *cache = state
+        t = cache[0].shape[1] if cache else 0
         mask = masks.padding(src_lens)
-        logits, cross, _ = self._decode(prefix, memory, mask, need_weights=True)
-        return logits[:, -1], (memory, src_lens, prefix), cross[-1][:, :, -1].mean(1)  # (B, V), state, (B, S)
+        x = self.pos(self.tgt_embed(y_prev[:, None]) * math.sqrt(self.d), offset=t)  # (B, 1, d)
+        new_cache, cross = [], None
+        for i, (layer, past) in enumerate(zip(self.dec_layers, cache, strict=True)):
+            new_cache.append(torch.cat([past, x], 1))  # (B, t + 1, d)
+            if i == len(cache) - 1:  # the last layer's cross-attention is the picture
+                x, _, cross = layer(x, memory, memory_mask=mask, prefix=past, need_weights=True)
+            else:
+                x = layer(x, memory, memory_mask=mask, prefix=past)
+        logits = self.out(self.dec_norm(x[:, 0]))  # (B, V)
+        return logits, (memory, src_lens, *new_cache), cross[:, :, 0].mean(1)  # (B, V), state, (B, S)
