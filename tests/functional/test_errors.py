@@ -157,3 +157,22 @@ def test_bad_scalars_and_bias():
         attention(q, k, v, bias=torch.ones(5, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"bias must broadcast to \(B, H, L, S\) = \(2, 4, 5, 6\); got \(4, 6, 5\)"):
         attention(q, k, v, bias=torch.ones(4, 6, 5))
+
+
+@pytest.mark.parametrize("qb, kb", [((2, 3), (3, 3)), ((4, 1, 2), (3, 1, 2)), ((2, 3, 4), (5, 3, 4))])
+def test_batch_dims_that_do_not_broadcast(qb, kb):
+    q, k = torch.randn(*qb, 5, 8), torch.randn(*kb, 6, 8)
+    with pytest.raises(ValueError, match=r"query and key batch dimensions must broadcast; got query \("):
+        attention(q, k, k)
+
+
+@pytest.mark.parametrize("a, b", [((), ()), ((2, 3), (2, 3)), ((1,), (4,)), ((2, 1, 3), (5, 1)), ((3,), ()),
+                                  ((1, 1), (7,)), ((2, 3), (3, 3)), ((4, 2), (3, 2)), ((0,), (1,)), ((0,), (2,))])
+def test_shape_broadcast_agrees_with_torch(a, b):
+    from attnkit.functional.attention import _broadcast
+
+    try:
+        want = tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        want = None
+    assert _broadcast(a, b) == want

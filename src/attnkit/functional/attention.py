@@ -139,14 +139,28 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tenso
         # GQA: query head h reads key/value head h // (hq // hkv)
         key = key.repeat_interleave(hq // hkv, dim=-3)  # (..., H, S, Dk)
         value = value.repeat_interleave(hq // hkv, dim=-3)  # (..., H, S, Dv)
-    try:
-        batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
-    except RuntimeError:
+    batch = _broadcast(tuple(query.shape[:-2]), tuple(key.shape[:-2]))
+    if batch is None:
         raise ValueError(
             f"query and key batch dimensions must broadcast; got query {tuple(query.shape)} and "
             f"key {tuple(key.shape)}."
-        ) from None
+        )
     return query, key, value, (*batch, query.shape[-2], key.shape[-2])
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The broadcast of two shapes, or None if they do not broadcast (plain Python: torch.broadcast_shapes costs
+    tens of microseconds a call, as much as a small attention)."""
+    if a == b:
+        return a
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b, strict=True):
+        if x != y and x != 1 and y != 1:
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
 
 def _resolve_score(score: Callable | str) -> Callable:
@@ -215,9 +229,11 @@ def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> 
         return unused.reshape(unused.shape[0], *([1] * (batch_ndim - 1)), S, 1)  # (B, 1.., S, 1)
     if isinstance(mask, _masks.Window):
         # keys reachable from some query: [0 + S - L - left, L - 1 + S - L + right]
-        j = torch.arange(S, device=device)
         lo = S - L - mask.left if mask.left is not None else -S
         hi = S - 1 + mask.right if mask.right is not None else 2 * S
+        if L > 0 and lo <= 0 and hi >= S - 1:  # every key is reachable (causal with L <= S, most windows)
+            return None
+        j = torch.arange(S, device=device)
         return ((j < lo) | (j > hi) | (L == 0)).unsqueeze(-1)  # (S, 1)
     if isinstance(mask, (_masks.Graph, _masks.Dense)):  # O(E) / O(L S): remembered on the mask until it changes
         return cached_on_mask(mask, "_attnkit_unused", ("unused", L, S, str(device)),
