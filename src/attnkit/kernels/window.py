@@ -68,8 +68,10 @@ def window_plan(L: int, S: int, left: int, right: int, *, block: int = 64, devic
 
 
 _BUDGET = 1 << 19  # score elements per step (tiles x Bq x Kw): a few MB, so the passes over a step hit the cache
-_SAVE_P_BYTES = 1 << 28  # training keeps P (N x L x Kw) for the backward up to this size, else recomputes it
-# (256 MiB: above it, fresh pages for P cost more than recomputing it; L=65536, H=8 fwd+bwd 2.80 s vs 3.14 s)
+_SAVE_P_BYTES = 1 << 26  # training keeps P (N x L x Kw) for the backward up to this size, else recomputes it
+# (64 MiB. Each step's P is fresh memory, and its page faults cost about what recomputing saves: H=8, window
+# 128, fwd+bwd interleaved, keeping P was 3 % faster at L=4096 (42 MB), equal within 3 % at L=16384 (168 MB) and
+# slower at L=65536 (671 MB). Recomputing from L=16384 up also keeps the time per row the same at every length.)
 
 
 class _Geometry:
