@@ -155,6 +155,14 @@ def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
                     (L_long, "fwd"): "window_fwd_long", (L_long, "fwd+bwd"): "window_fwdbwd_long"}.get((L, mode), "")
             cases.append(Case(cid, f"window{w}-{mode}", L, mode, impls, flops(pairs, mode),
                               _auto(*qw, mask=win), memory, role=role))
+    # linear growth is a ratio, so its two lengths are timed interleaved in one case (two cases timed minutes
+    # apart would also measure how the shared machine's speed drifted in between)
+    win = masks.window(w, w)
+    cases.append(Case(f"window{w}-scaling-fwd+bwd", f"window{w}-scaling", L_long, "fwd+bwd", {
+        f"attnkit_L{L}": _attn_factory(B, H, L, L, D, "fwd+bwd", mask=win) for L in (L_main, L_long)
+    }, backend=_auto(*_qkv(1, 1, L_long, L_long, 1, grad=False), mask=win),
+        note=f"L={L_main} and L={L_long} interleaved: their time ratio is the linear-growth target",
+        role="window_scaling", extra={"lengths": (L_main, L_long)}))
 
     # block-sparse: random 10 % of 128 x 128 tiles, vs dense attention (SDPA, no mask) of the same length
     Lb = 1024 if quick else 8192

@@ -50,6 +50,8 @@ def write_plot(path: Path, results: list[dict]) -> bool:
     """Log-log time vs L, one panel per case group (lines where a group has several L); False if empty."""
     groups: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for case in results:
+        if case.get("role") == "window_scaling":  # the same lengths are points of the window cases' lines
+            continue
         for name, r in case["impls"].items():
             if r.get("median_s") is not None:
                 groups.setdefault(case["group"], {}).setdefault(name, []).append((case["L"], r["median_s"]))
