@@ -62,10 +62,26 @@ def _fused(grp: Group, q: Tensor, v: Tensor) -> bool:
             and _FLASH is not None and _FLASH_BWD is not None)
 
 
+def _plain_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor, batch: tuple):
+    """``grp, masks, (a, b), (n0, n1), sl, flat, kb, vb``: the steps of the groups the fused kernel does not take,
+    group by group: group rows [a, b) (``sl`` their slice of the blocks in group order), batch rows [n0, n1), the
+    group's :func:`_flat_masks`, key indices ``flat`` (g * Kw,) and the gathered keys and values (n, g, Kw, d)."""
+    N, Bq, start = q.shape[0], plan.block, 0
+    for grp in plan.groups:
+        G, Kw = grp.kidx.shape
+        if not _fused(grp, q, v):
+            masks = _flat_masks(grp, batch)
+            for (n0, n1), (a, b) in _steps(grp, N, Bq * Kw):
+                flat = grp.kidx[a:b].flatten()
+                yield (grp, masks, (a, b), (n0, n1), slice(start + a, start + b), flat,
+                       _gather_keys(k, n0, n1, flat, b - a, Kw), _gather_keys(v, n0, n1, flat, b - a, Kw))
+        start += G
+
+
 def _fused_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor):
-    """``grp, sl, (n0, n1), flat``: the steps of the fused groups, batch rows outermost (each pass re-reads the keys
-    and values of a few batch rows, which then stay in cache), ``sl`` the group rows' slice of the blocks in group
-    order and ``flat`` their key indices (g * Kw,)."""
+    """``grp, sl, (n0, n1), flat, kb, vb``: the steps of the fused groups, batch rows outermost (each pass re-reads
+    the keys and values of a few batch rows, which then stay in cache), ``sl`` the group rows' slice of the blocks
+    in group order, ``flat`` their key indices (g * Kw,) and the gathered keys and values (n, g, Kw, d)."""
     N, S = k.shape[0], k.shape[1]
     per_row = max(1, S * (k.shape[-1] + v.shape[-1]))
     nrows = max(1, min(N, _FUSED_HEADS // per_row))
@@ -80,7 +96,9 @@ def _fused_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor):
                 continue
             Kw = grp.kidx.shape[1]
             for (n0, n1), (a, b) in _steps(grp, r1 - r0, Kw * (k.shape[-1] + v.shape[-1]), _FUSED_BUDGET):
-                yield grp, slice(st + a, st + b), (r0 + n0, r0 + n1), grp.kidx[a:b].flatten()
+                n0, n1, flat = r0 + n0, r0 + n1, grp.kidx[a:b].flatten()
+                yield (grp, slice(st + a, st + b), (n0, n1), flat,
+                       _gather_keys(k, n0, n1, flat, b - a, Kw), _gather_keys(v, n0, n1, flat, b - a, Kw))
 
 
 def _steps(grp: Group, N: int, per: int, budget: int = _BUDGET):
@@ -190,38 +208,23 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, batch: t
     qs = _gather_blocks(q, rows, Bq).mul_(scale)  # (N, n, Bq, D), blocks in group order
     out_s = q.new_empty(N, qs.shape[1], Bq, Dv)  # (N, n, Bq, Dv)
     lse_s = q.new_empty(N, qs.shape[1], Bq, 1)  # (N, n, Bq, 1)
-    start = 0
-    for grp in plan.groups:
-        Kw = grp.kidx.shape[1]
-        if _fused(grp, q, v):  # below
-            start += grp.qblocks.shape[0]
+    for grp, masks, (a, b), (n0, n1), sl, _, kb, vb in _plain_steps(plan, q, k, v, batch):
+        # S = (scale Q) K^T, -inf where the mask forbids
+        s = _mask_scores(torch.matmul(qs[n0:n1, sl], kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
+        if not (need_lse or grp.masked):  # every row has a key: O = softmax(S) V, one fused pass
+            out_s[n0:n1, sl] = torch.matmul(torch.softmax(s, -1), vb)
             continue
-        masks = _flat_masks(grp, batch)
-        for (n0, n1), (a, b) in _steps(grp, N, Bq * Kw):
-            flat = grp.kidx[a:b].flatten()  # (g * Kw,)
-            kb = _gather_keys(k, n0, n1, flat, b - a, Kw)  # (n, g, Kw, D)
-            vb = _gather_keys(v, n0, n1, flat, b - a, Kw)  # (n, g, Kw, Dv)
-            sl = slice(start + a, start + b)
-            # S = (scale Q) K^T, -inf where the mask forbids
-            s = _mask_scores(torch.matmul(qs[n0:n1, sl], kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
-            if not (need_lse or grp.masked):  # every row has a key: O = softmax(S) V, one fused pass
-                out_s[n0:n1, sl] = torch.matmul(torch.softmax(s, -1), vb)
-                continue
-            m = s.amax(-1, keepdim=True)  # (n, g, Bq, 1)
-            if grp.masked:  # a row with no allowed key: m = -inf -> 0, so nothing becomes NaN
-                m.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            p = s.sub_(m).exp_()  # (n, g, Bq, Kw)
-            l = p.sum(-1, keepdim=True)  # (n, g, Bq, 1)
-            # O = P V / l
-            o = torch.matmul(p, vb)  # (n, g, Bq, Dv)
-            out_s[n0:n1, sl] = o.div_(torch.where(l > 0, l, torch.ones_like(l))) if grp.masked else o.div_(l)
-            lse_s[n0:n1, sl] = l.log_().add_(m)  # lse = m + log l (-inf on empty rows)
-        start += grp.qblocks.shape[0]
+        m = s.amax(-1, keepdim=True)  # (n, g, Bq, 1)
+        if grp.masked:  # a row with no allowed key: m = -inf -> 0, so nothing becomes NaN
+            m.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        p = s.sub_(m).exp_()  # (n, g, Bq, Kw)
+        l = p.sum(-1, keepdim=True)  # (n, g, Bq, 1)
+        # O = P V / l
+        o = torch.matmul(p, vb)  # (n, g, Bq, Dv)
+        out_s[n0:n1, sl] = o.div_(torch.where(l > 0, l, torch.ones_like(l))) if grp.masked else o.div_(l)
+        lse_s[n0:n1, sl] = l.log_().add_(m)  # lse = m + log l (-inf on empty rows)
     # groups with nothing to mask: O, lse = the fused kernel on each block and its gathered keys
-    for grp, sl, (n0, n1), flat in _fused_steps(plan, q, k, v):
-        g, Kw = sl.stop - sl.start, grp.kidx.shape[1]
-        kb = _gather_keys(k, n0, n1, flat, g, Kw)  # (n, g, Kw, D)
-        vb = _gather_keys(v, n0, n1, flat, g, Kw)  # (n, g, Kw, Dv)
+    for _, sl, (n0, n1), _, kb, vb in _fused_steps(plan, q, k, v):
         o, lse = _FLASH(qs[n0:n1, sl], kb, vb, scale=1.0)  # (n, g, Bq, Dv), (n, g, Bq)
         out_s[n0:n1, sl] = o
         lse_s[n0:n1, sl] = lse.unsqueeze(-1)
@@ -246,34 +249,19 @@ def _backward(q, k, v, out, lse, dout, plan: Plan, scale: float, batch: tuple):
     dq_s = torch.empty_like(qs)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    start = 0
-    for grp in plan.groups:
-        Kw = grp.kidx.shape[1]
-        if _fused(grp, q, v):  # below
-            start += grp.qblocks.shape[0]
-            continue
-        masks = _flat_masks(grp, batch)
-        for (n0, n1), (a, b) in _steps(grp, N, Bq * Kw):
-            flat = grp.kidx[a:b].flatten()
-            kb = _gather_keys(k, n0, n1, flat, b - a, Kw)  # (n, g, Kw, D)
-            vb = _gather_keys(v, n0, n1, flat, b - a, Kw)  # (n, g, Kw, Dv)
-            sl = slice(start + a, start + b)
-            qb, dob = qs[n0:n1, sl], dos[n0:n1, sl]
-            # P = exp(S - lse), recomputed
-            s = _mask_scores(torch.matmul(qb, kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
-            p = s.sub_(lse_s[n0:n1, sl]).exp_()  # (n, g, Bq, Kw)
-            # dV[kidx] += P^T dO
-            dv[n0:n1].index_add_(1, flat, torch.matmul(p.transpose(-1, -2), dob).flatten(1, 2))
-            # dS = P * (dO V^T - delta)
-            ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[n0:n1, sl]).mul_(p)
-            dq_s[n0:n1, sl] = torch.matmul(ds, kb)  # dQ = scale dS K (scale below)
-            dk[n0:n1].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qb).flatten(1, 2))  # dK += dS^T (sQ)
-        start += grp.qblocks.shape[0]
+    for grp, masks, (a, b), (n0, n1), sl, flat, kb, vb in _plain_steps(plan, q, k, v, batch):
+        qb, dob = qs[n0:n1, sl], dos[n0:n1, sl]
+        # P = exp(S - lse), recomputed
+        s = _mask_scores(torch.matmul(qb, kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
+        p = s.sub_(lse_s[n0:n1, sl]).exp_()  # (n, g, Bq, Kw)
+        # dV[kidx] += P^T dO
+        dv[n0:n1].index_add_(1, flat, torch.matmul(p.transpose(-1, -2), dob).flatten(1, 2))
+        # dS = P * (dO V^T - delta)
+        ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[n0:n1, sl]).mul_(p)
+        dq_s[n0:n1, sl] = torch.matmul(ds, kb)  # dQ = scale dS K (scale below)
+        dk[n0:n1].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qb).flatten(1, 2))  # dK += dS^T (sQ)
     # groups with nothing to mask: the fused kernel's backward on the gathered keys, dK and dV added to their rows
-    for grp, sl, (n0, n1), flat in _fused_steps(plan, q, k, v):
-        g, Kw = sl.stop - sl.start, grp.kidx.shape[1]
-        kb = _gather_keys(k, n0, n1, flat, g, Kw)  # (n, g, Kw, D)
-        vb = _gather_keys(v, n0, n1, flat, g, Kw)  # (n, g, Kw, Dv)
+    for _, sl, (n0, n1), flat, kb, vb in _fused_steps(plan, q, k, v):
         gq, gk, gv = _FLASH_BWD(dos[n0:n1, sl], qs[n0:n1, sl], kb, vb, outs[n0:n1, sl], lse_s[n0:n1, sl, :, 0],
                                 0.0, False, scale=1.0)
         dq_s[n0:n1, sl] = gq  # gradient of the scaled queries (scale below)
