@@ -217,3 +217,32 @@ def test_whole_tile_groups_run_on_the_fused_kernel_and_match_the_reference(monke
         monkeypatch.setattr(bs, "_FLASH", flash)
         small = [t[:1, :1].clone().requires_grad_(True) for t in (q, k, v)]
         assert torch.autograd.gradcheck(lambda a, b, c: blocksparse_attention(a, b, c, m, block=block), small)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_fused_steps_with_strided_inputs_and_an_empty_query_block(strided):
+    """The fused path copies whole key tiles when keys and values are row-major and falls back to a row gather
+    when they are strided views; either way outputs and gradients match the reference, and a query block with no
+    tile gets zero output and zero gradient (inference and training)."""
+    L = S = 40
+    block = 8
+    m = _tiled(L, S, block, full=[(0, 0), (0, 2), (1, 2), (1, 4), (3, 1), (4, 0), (4, 2)], partial=[])  # block 2: none
+    q, k, v = _qkv(L=L, S=S, D=6, Dv=6, scale=1.5, seed=3)
+    if strided:  # the first half of a wider tensor's features: rows with gaps between them
+        k = torch.cat([k, torch.randn_like(k)], -1)[..., :6]
+        v = torch.cat([v, torch.randn_like(v)], -1)[..., :6]
+        assert k.stride(-2) != k.shape[-1]
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = blocksparse_attention(*ins, m, block=block)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    ref_ins = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref_out, _ = masked_softmax_attention_ref(*ref_ins, m)
+    (ref_out * g.double()).sum().backward()
+    _close(out, ref_out.detach())
+    with torch.no_grad():
+        _close(blocksparse_attention(q, k, v, m, block=block), ref_out.detach())
+    for a, b in zip(ins, ref_ins, strict=True):
+        _close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out[..., 16:24, :], torch.zeros_like(out[..., 16:24, :]))
+    assert torch.equal(ins[0].grad[..., 16:24, :], torch.zeros_like(ins[0].grad[..., 16:24, :]))

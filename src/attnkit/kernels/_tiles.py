@@ -91,7 +91,8 @@ class Group:
     * ``allowed=None`` and the key indices are ``c = Kw / block`` whole key tiles: every tile is fully kept except
       the ``P`` *partial* tiles ``(part_g[p], part_t[p])`` (row of the group, tile position in the row, sorted by
       row), whose forbidden pairs are ``forbid[p]`` (P, *mb, Bq, Bk), ``*mb`` one entry per batch dim. A fully
-      kept tile needs no mask at all.
+      kept tile needs no mask at all. Such a group also has ``ktiles`` (G, c), the key tile ids (``kidx`` is
+      ``ktiles * block + arange(block)``), so kernels can move whole tiles instead of single rows.
     """
 
     qblocks: Tensor
@@ -100,6 +101,7 @@ class Group:
     part_g: Tensor | None = None
     part_t: Tensor | None = None
     forbid: Tensor | None = None
+    ktiles: Tensor | None = None
 
     @property
     def masked(self) -> bool:
@@ -186,7 +188,7 @@ def _build_plan(mask: _masks.Mask, L: int, S: int, block: int, batch_ndim: int, 
         sl = slot[live[pos]]  # (G, c): row in forbid_all or -1
         pg, pt = torch.nonzero(sl >= 0, as_tuple=True)  # sorted by group row
         forbid = forbid_all.index_select(0, sl[pg, pt]) if pg.numel() else None
-        groups.append(Group(qblocks, kidx.clamp(0, max(S - 1, 0)), None, pg, pt, forbid))
+        groups.append(Group(qblocks, kidx.clamp(0, max(S - 1, 0)), None, pg, pt, forbid, kblocks))
     return Plan(L, S, block, groups)
 
 

@@ -8,9 +8,10 @@ computed together with batched matmuls on one gather of the keys per step:
     S_b = scale * Q_b K[kidx_b]^T  (masked only on partially kept tiles)     (block_rows, Kw)
     lse_b = log sum_j exp(S_b)  ;  O_b = exp(S_b - lse_b) V[kidx_b]
 
-A tile is empty (skipped), fully kept (no mask at all) or partial (its own boolean tile is applied). The query
-blocks are gathered once per call in group order, so each step reads one contiguous slice of them. Work and
-memory are O(number of covered pairs); no (L, S) tensor is built (unless the caller asks for dense weights).
+A tile is empty (skipped), fully kept (no mask at all) or partial (its own boolean tile is applied). Each step
+gathers the query blocks it computes and writes its output blocks straight into the result; tensors are moved
+as whole blocks and tiles (one ``block * d`` run each), into buffers reused from step to step. Work and memory
+are O(number of covered pairs); no (L, S) tensor is built (unless the caller asks for dense weights).
 A group with no partial tile has nothing left to mask: on the CPU its steps run PyTorch's fused attention kernel
 (the one behind ``F.scaled_dot_product_attention``, forward and backward, log-sum-exp included) on the gathered
 keys, which keeps its scores in cache instead of writing them out; the other groups use the batched matmuls
@@ -58,7 +59,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _fused(grp: Group, q: Tensor, v: Tensor) -> bool:
     """Whether the group's steps run on PyTorch's fused CPU kernel: whole tiles with nothing to mask, on the CPU,
     and values as wide as queries (the kernel's requirement)."""
-    return (not grp.masked and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
+    return (not grp.masked and grp.ktiles is not None and q.device.type == "cpu" and q.shape[-1] == v.shape[-1]
             and _FLASH is not None and _FLASH_BWD is not None)
 
 
@@ -79,9 +80,9 @@ def _plain_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor, batch: tuple):
 
 
 def _fused_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor):
-    """``grp, sl, (n0, n1), flat, kb, vb``: the steps of the fused groups, batch rows outermost (each pass re-reads
+    """``grp, sl, (n0, n1), tiles, kb, vb``: the steps of the fused groups, batch rows outermost (each pass re-reads
     the keys and values of a few batch rows, which then stay in cache), ``sl`` the group rows' slice of the blocks
-    in group order, ``flat`` their key indices (g * Kw,) and the gathered keys and values (n, g, Kw, d)."""
+    in group order, ``tiles`` their key tile ids (g, c) and the gathered keys and values (n, g, c * block, d)."""
     N, S = k.shape[0], k.shape[1]
     per_row = max(1, S * (k.shape[-1] + v.shape[-1]))
     nrows = max(1, min(N, _FUSED_HEADS // per_row))
@@ -89,6 +90,7 @@ def _fused_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor):
     for grp in plan.groups:
         starts.append(start)
         start += grp.qblocks.shape[0]
+    kbuf, vbuf = [None], [None]  # the steps' gathered keys and values reuse one buffer each
     for r0 in range(0, N, nrows):
         r1 = min(N, r0 + nrows)
         for grp, st in zip(plan.groups, starts, strict=True):
@@ -96,9 +98,9 @@ def _fused_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor):
                 continue
             Kw = grp.kidx.shape[1]
             for (n0, n1), (a, b) in _steps(grp, r1 - r0, Kw * (k.shape[-1] + v.shape[-1]), _FUSED_BUDGET):
-                n0, n1, flat = r0 + n0, r0 + n1, grp.kidx[a:b].flatten()
-                yield (grp, slice(st + a, st + b), (n0, n1), flat,
-                       _gather_keys(k, n0, n1, flat, b - a, Kw), _gather_keys(v, n0, n1, flat, b - a, Kw))
+                n0, n1, tiles = r0 + n0, r0 + n1, grp.ktiles[a:b]
+                kb = _gather_tiles(k, n0, n1, tiles, plan.block, kbuf)
+                yield grp, slice(st + a, st + b), (n0, n1), tiles, kb, _gather_tiles(v, n0, n1, tiles, plan.block, vbuf)
 
 
 def _steps(grp: Group, N: int, per: int, budget: int = _BUDGET):
@@ -173,46 +175,109 @@ def _gather_keys(x: Tensor, n0: int, n1: int, flat: Tensor, g: int, Kw: int) -> 
     return x[n0:n1].index_select(1, flat).unflatten(1, (g, Kw))
 
 
-def _rows(plan: Plan, device) -> Tensor:
-    """Query rows of the plan's blocks in group order (each group's blocks are then one contiguous slice)."""
+def _gather_tiles(x: Tensor, n0: int, n1: int, tiles: Tensor, block: int, buf: list | None = None) -> Tensor:
+    """Whole key tiles ``tiles`` (g, c) of batch rows [n0, n1) of ``x`` (N, S, d): (n, g, c * block, d), the same
+    as :func:`_gather_keys` on their rows, but each tile is copied as one ``block * d`` run (a row-major ``x``
+    views as (N, S // block, block * d)); ``x`` with other strides falls back to the row gather. With ``buf`` (a
+    one-item list) the result is written into ``buf[0]``'s storage, grown when too small, so repeated steps reuse
+    memory that is already mapped instead of faulting in fresh pages."""
+    n, (g, c), d = n1 - n0, tiles.shape, x.shape[-1]
+    if x.stride(-1) != 1 or x.stride(-2) != d:
+        rows = (tiles.unsqueeze(-1) * block + torch.arange(block, device=x.device)).flatten()
+        return _gather_keys(x, n0, n1, rows, g, c * block)
+    nt = x.shape[-2] // block  # fused tiles hold no padding, so they all lie below nt * block
+    xt = x[n0:n1, : nt * block].view(n, nt, block * d)
+    size = n * g * c * block * d
+    if buf is None:
+        out = x.new_empty(n, g * c, block * d)
+    else:
+        if buf[0] is None or buf[0].numel() < size:
+            buf[0] = x.new_empty(size)
+        out = buf[0][:size].view(n, g * c, block * d)
+    if n == 1:
+        torch.index_select(xt[0], 0, tiles.flatten(), out=out[0])
+    else:
+        torch.index_select(xt, 1, tiles.flatten(), out=out)
+    return out.view(n, g, c * block, d)
+
+
+def _add_tiles(acc: Tensor, n0: int, n1: int, tiles: Tensor, grad: Tensor, block: int) -> None:
+    """``acc[n0:n1]`` at the rows of key tiles ``tiles`` (g, c) += ``grad`` (n, g, c * block, d), one whole tile per
+    added run (a tile that appears twice gets both); ``acc`` (N, S, d) is a fresh contiguous buffer."""
+    n, d = n1 - n0, acc.shape[-1]
+    nt = acc.shape[-2] // block
+    acc[n0:n1, : nt * block].view(n, nt, block * d).index_add_(1, tiles.flatten(), grad.reshape(n, -1, block * d))
+
+
+def _order(plan: Plan, device) -> Tensor:
+    """The plan's query blocks in group order (each group's blocks are then one contiguous slice): (n,)."""
     if not plan.groups:
         return torch.zeros(0, dtype=torch.long, device=device)
-    order = torch.cat([g.qblocks for g in plan.groups]).to(device)  # (n,)
-    return (order.unsqueeze(-1) * plan.block + torch.arange(plan.block, device=device)).flatten()  # (n * Bq,)
+    return torch.cat([g.qblocks for g in plan.groups]).to(device)
 
 
-def _gather_blocks(x: Tensor, rows: Tensor, Bq: int) -> Tensor:
-    """(N, L, d) -> the rows ``rows`` (zero past L), blocked: (N, n, Bq, d)."""
-    L = x.shape[-2]
-    pad = max(0, int(rows.max()) + 1 - L) if rows.numel() else 0
-    return F.pad(x, (0, 0, 0, pad)).index_select(-2, rows).unflatten(-2, (-1, Bq))
+def _blocked(x: Tensor, Bq: int) -> Tensor:
+    """(N, L, d) -> (N * nbq, Bq * d): whole query blocks as rows (zero-padded past L)."""
+    N, L, d = x.shape
+    nbq = -(-L // Bq)
+    if nbq * Bq != L:
+        x = F.pad(x, (0, 0, 0, nbq * Bq - L))
+    return x.reshape(N * nbq, Bq * d)
 
 
-def _scatter_blocks(xs: Tensor, rows: Tensor, L: int, fill: float = 0.0) -> Tensor:
-    """Inverse of :func:`_gather_blocks`: (N, n, Bq, d) -> (N, L, d), ``fill`` on rows no block covers."""
-    flat = xs.flatten(-3, -2)  # (N, n * Bq, d)
-    n_rows = max(L, int(rows.max()) + 1) if rows.numel() else L
-    shape = (*flat.shape[:-2], n_rows, flat.shape[-1])
-    # rows are distinct, so when there are n_rows of them every row is written: no fill pass needed
-    full = flat.new_empty(shape) if rows.numel() == n_rows else flat.new_full(shape, fill)
-    return full.index_copy_(-2, rows, flat)[..., :L, :]
+def _block_ids(order: Tensor, N: int, nbq: int) -> Tensor:
+    """Rows of :func:`_blocked` for the blocks ``order`` (n,) of every batch row: (N, n)."""
+    return torch.arange(N, device=order.device).unsqueeze(-1) * nbq + order
+
+
+def _step_rows(ids: Tensor, n0: int, n1: int, sl: slice) -> Tensor:
+    """Rows of :func:`_blocked` for batch rows [n0, n1) and the blocks ``sl`` (in group order) of a step: (n * g,)."""
+    return ids[n0, sl] if n1 - n0 == 1 else ids[n0:n1, sl].flatten()
+
+
+def _take(x: Tensor, rows: Tensor, buf: list) -> Tensor:
+    """Rows ``rows`` of ``x`` (R, X): (len(rows), X), written into ``buf[0]``'s storage (grown when too small), so
+    the steps reuse memory that is already mapped instead of faulting in fresh pages each time."""
+    size = rows.shape[0] * x.shape[1]
+    if buf[0] is None or buf[0].numel() < size:
+        buf[0] = x.new_empty(size)
+    return torch.index_select(x, 0, rows, out=buf[0][:size].view(rows.shape[0], x.shape[1]))
+
+
+def _new_blocks(x: Tensor, N: int, nbq: int, width: int, order: Tensor, fill: float) -> Tensor:
+    """An uninitialized (N * nbq, width) result of blocks, ``fill`` on the blocks not in ``order`` (the steps write
+    each block of ``order`` once, so no fill pass is needed when every block is there)."""
+    out = x.new_empty(N * nbq, width)
+    if order.shape[0] < nbq:
+        missing = torch.ones(nbq, dtype=torch.bool, device=x.device)
+        missing[order] = False
+        out.view(N, nbq, width)[:, missing] = fill
+    return out
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, batch: tuple,
              need_lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """Output (N, L, Dv) and log-sum-exp (N, L) of flattened inputs (``batch`` = their batch shape, for the
-    masks); without ``need_lse`` (inference) unmasked groups use the fused softmax and the lse is None."""
+    masks); without ``need_lse`` (inference) unmasked groups use the fused softmax and the lse is None.
+
+    Each step gathers its query blocks (whole blocks, into a reused buffer) and writes its output blocks straight
+    into the result, so no (N, L, D) copy of the queries or of the output is made on the way."""
     N, L, D = q.shape
     Bq, Dv = plan.block, v.shape[-1]
-    rows = _rows(plan, q.device)
-    qs = _gather_blocks(q, rows, Bq).mul_(scale)  # (N, n, Bq, D), blocks in group order
-    out_s = q.new_empty(N, qs.shape[1], Bq, Dv)  # (N, n, Bq, Dv)
-    lse_s = q.new_empty(N, qs.shape[1], Bq, 1)  # (N, n, Bq, 1)
+    nbq = -(-L // Bq)
+    order = _order(plan, q.device)
+    ids = _block_ids(order, N, nbq)  # (N, n)
+    qb = _blocked(q, Bq)  # (N * nbq, Bq * D)
+    out = _new_blocks(q, N, nbq, Bq * Dv, order, 0.0).view(N * nbq, Bq, Dv)
+    lse = _new_blocks(q, N, nbq, Bq, order, float("-inf")) if need_lse else None  # (N * nbq, Bq)
+    qbuf = [None]
     for grp, masks, (a, b), (n0, n1), sl, _, kb, vb in _plain_steps(plan, q, k, v, batch):
+        rows = _step_rows(ids, n0, n1, sl)
+        qs = _take(qb, rows, qbuf).view(n1 - n0, b - a, Bq, D).mul_(scale)
         # S = (scale Q) K^T, -inf where the mask forbids
-        s = _mask_scores(torch.matmul(qs[n0:n1, sl], kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
+        s = _mask_scores(torch.matmul(qs, kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
         if not (need_lse or grp.masked):  # every row has a key: O = softmax(S) V, one fused pass
-            out_s[n0:n1, sl] = torch.matmul(torch.softmax(s, -1), vb)
+            out.index_copy_(0, rows, torch.matmul(torch.softmax(s, -1), vb).view(-1, Bq, Dv))
             continue
         m = s.amax(-1, keepdim=True)  # (n, g, Bq, 1)
         if grp.masked:  # a row with no allowed key: m = -inf -> 0, so nothing becomes NaN
@@ -221,53 +286,60 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, batch: t
         l = p.sum(-1, keepdim=True)  # (n, g, Bq, 1)
         # O = P V / l
         o = torch.matmul(p, vb)  # (n, g, Bq, Dv)
-        out_s[n0:n1, sl] = o.div_(torch.where(l > 0, l, torch.ones_like(l))) if grp.masked else o.div_(l)
-        lse_s[n0:n1, sl] = l.log_().add_(m)  # lse = m + log l (-inf on empty rows)
+        o = o.div_(torch.where(l > 0, l, torch.ones_like(l))) if grp.masked else o.div_(l)
+        out.index_copy_(0, rows, o.view(-1, Bq, Dv))
+        if need_lse:
+            lse.index_copy_(0, rows, l.log_().add_(m).view(-1, Bq))  # lse = m + log l (-inf on empty rows)
     # groups with nothing to mask: O, lse = the fused kernel on each block and its gathered keys
     for _, sl, (n0, n1), _, kb, vb in _fused_steps(plan, q, k, v):
-        o, lse = _FLASH(qs[n0:n1, sl], kb, vb, scale=1.0)  # (n, g, Bq, Dv), (n, g, Bq)
-        out_s[n0:n1, sl] = o
-        lse_s[n0:n1, sl] = lse.unsqueeze(-1)
-    out = _scatter_blocks(out_s, rows, L)  # (N, L, Dv)
-    if not need_lse:
-        return out, None
-    lse = _scatter_blocks(lse_s, rows, L, float("-inf")).squeeze(-1)  # (N, L)
-    return out, lse
+        rows = _step_rows(ids, n0, n1, sl)
+        o, l = _FLASH(_take(qb, rows, qbuf).view(n1 - n0, -1, Bq, D), kb, vb, scale=scale)  # (n, g, Bq, Dv|-)
+        out.index_copy_(0, rows, o.reshape(-1, Bq, Dv))
+        if need_lse:
+            lse.index_copy_(0, rows, l.reshape(-1, Bq))
+    out = out.view(N, nbq * Bq, Dv)[:, :L]  # (N, L, Dv)
+    return out, (lse.view(N, nbq * Bq)[:, :L] if need_lse else None)
 
 
 def _backward(q, k, v, out, lse, dout, plan: Plan, scale: float, batch: tuple):
     N, L, D = q.shape
     Bq = plan.block
-    rows = _rows(plan, q.device)
-    qs = _gather_blocks(q, rows, Bq).mul_(scale)  # (N, n, Bq, D)
-    dos = _gather_blocks(dout, rows, Bq)  # (N, n, Bq, Dv)
+    nbq = -(-L // Bq)
+    order = _order(plan, q.device)
+    ids = _block_ids(order, N, nbq)  # (N, n)
+    qb, dob = _blocked(q, Bq), _blocked(dout, Bq)  # (N * nbq, Bq * D|Dv)
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij
-    delta = _gather_blocks((dout * out).sum(-1, keepdim=True), rows, Bq)  # (N, n, Bq, 1)
+    delta = _blocked((dout * out).sum(-1, keepdim=True), Bq)  # (N * nbq, Bq)
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # empty rows: P = 0
-    lse_s = _gather_blocks(lse.unsqueeze(-1), rows, Bq)  # (N, n, Bq, 1); padded rows are masked anyway
-    outs = _gather_blocks(out, rows, Bq) if any(_fused(g, q, v) for g in plan.groups) else None  # (N, n, Bq, Dv)
-    dq_s = torch.empty_like(qs)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    lseb = _blocked(lse.unsqueeze(-1), Bq)  # (N * nbq, Bq); padded rows are masked anyway
+    outb = _blocked(out, Bq) if any(_fused(g, q, v) for g in plan.groups) else None  # (N * nbq, Bq * Dv)
+    dq = _new_blocks(q, N, nbq, Bq * D, order, 0.0).view(N * nbq, Bq, D)
+    dk = k.new_zeros(k.shape)  # contiguous, so whole tiles view as rows
+    dv = v.new_zeros(v.shape)
+    qbuf, dbuf, obuf = [None], [None], [None]
     for grp, masks, (a, b), (n0, n1), sl, flat, kb, vb in _plain_steps(plan, q, k, v, batch):
-        qb, dob = qs[n0:n1, sl], dos[n0:n1, sl]
+        rows, shape = _step_rows(ids, n0, n1, sl), (n1 - n0, b - a, Bq, -1)
+        qs, dos = _take(qb, rows, qbuf).view(shape).mul_(scale), _take(dob, rows, dbuf).view(shape)
         # P = exp(S - lse), recomputed
-        s = _mask_scores(torch.matmul(qb, kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
-        p = s.sub_(lse_s[n0:n1, sl]).exp_()  # (n, g, Bq, Kw)
+        s = _mask_scores(torch.matmul(qs, kb.transpose(-1, -2)), grp, masks, Bq, a, b, n0, n1)
+        p = s.sub_(lseb.index_select(0, rows).view(shape[:-1] + (1,))).exp_()  # (n, g, Bq, Kw)
         # dV[kidx] += P^T dO
-        dv[n0:n1].index_add_(1, flat, torch.matmul(p.transpose(-1, -2), dob).flatten(1, 2))
+        dv[n0:n1].index_add_(1, flat, torch.matmul(p.transpose(-1, -2), dos).flatten(1, 2))
         # dS = P * (dO V^T - delta)
-        ds = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[n0:n1, sl]).mul_(p)
-        dq_s[n0:n1, sl] = torch.matmul(ds, kb)  # dQ = scale dS K (scale below)
-        dk[n0:n1].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qb).flatten(1, 2))  # dK += dS^T (sQ)
+        ds = torch.matmul(dos, vb.transpose(-1, -2)).sub_(delta.index_select(0, rows).view(shape[:-1] + (1,)))
+        ds = ds.mul_(p)
+        dq.index_copy_(0, rows, torch.matmul(ds, kb).mul_(scale).view(-1, Bq, D))  # dQ = scale dS K
+        dk[n0:n1].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qs).flatten(1, 2))  # dK += dS^T (sQ)
     # groups with nothing to mask: the fused kernel's backward on the gathered keys, dK and dV added to their rows
-    for _, sl, (n0, n1), flat, kb, vb in _fused_steps(plan, q, k, v):
-        gq, gk, gv = _FLASH_BWD(dos[n0:n1, sl], qs[n0:n1, sl], kb, vb, outs[n0:n1, sl], lse_s[n0:n1, sl, :, 0],
-                                0.0, False, scale=1.0)
-        dq_s[n0:n1, sl] = gq  # gradient of the scaled queries (scale below)
-        dk[n0:n1].index_add_(1, flat, gk.flatten(1, 2))
-        dv[n0:n1].index_add_(1, flat, gv.flatten(1, 2))
-    return _scatter_blocks(dq_s.mul_(scale), rows, L), dk, dv
+    for _, sl, (n0, n1), tiles, kb, vb in _fused_steps(plan, q, k, v):
+        rows, shape = _step_rows(ids, n0, n1, sl), (n1 - n0, -1, Bq, D)
+        gq, gk, gv = _FLASH_BWD(_take(dob, rows, dbuf).view(shape), _take(qb, rows, qbuf).view(shape), kb, vb,
+                                _take(outb, rows, obuf).view(shape), lseb.index_select(0, rows).view(shape[:-1]),
+                                0.0, False, scale=scale)
+        dq.index_copy_(0, rows, gq.reshape(-1, Bq, D))
+        _add_tiles(dk, n0, n1, tiles, gk, Bq)
+        _add_tiles(dv, n0, n1, tiles, gv, Bq)
+    return dq.view(N, nbq * Bq, D)[:, :L], dk, dv
 
 
 class _BlockSparse(torch.autograd.Function):
