@@ -43,7 +43,8 @@ __all__ = ["blocksparse_attention", "Group", "Plan", "cached_block_mask", "plan_
            "weights_from_lse"]
 
 _BUDGET = 1 << 18  # score elements per step (batch included): a step's scores stay in the L2 cache
-_FUSED_BUDGET = 1 << 20  # gathered key and value elements per step of a fused group (4 MiB in float32)
+_FUSED_BUDGET = 1 << 20  # gathered key and value elements per step of a fused group (4 MiB in float32; 1 and 16 MiB
+# steps were within noise of it at L=8192, 10 % of tiles)
 _FUSED_HEADS = 1 << 20  # key and value elements of the batch rows a fused pass reads (4 MiB: they stay in L3)
 
 # PyTorch's fused CPU attention (flash-style: tiled online softmax, returns the log-sum-exp) and its backward;
@@ -90,7 +91,10 @@ def _fused_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor):
     for grp in plan.groups:
         starts.append(start)
         start += grp.qblocks.shape[0]
-    kbuf, vbuf = [None], [None]  # the steps' gathered keys and values reuse one buffer each
+    # buffers sized for the largest step: a whole group of ``nrows`` batch rows, or a step of the budget
+    most = nrows * max((g.kidx.numel() for g in plan.groups if _fused(g, q, v)), default=0)
+    dk, dv = k.shape[-1], v.shape[-1]
+    kbuf, vbuf = (_Buffer(min(most * d, _FUSED_BUDGET * d // (dk + dv))) for d in (dk, dv))
     for r0 in range(0, N, nrows):
         r1 = min(N, r0 + nrows)
         for grp, st in zip(plan.groups, starts, strict=True):
@@ -167,6 +171,24 @@ def _mask_scores(s: Tensor, grp: Group, masks: tuple, block: int, a: int, b: int
     return s
 
 
+class _Buffer:
+    """Storage that the steps of one call write their gathered inputs into, instead of a fresh tensor per step:
+    fresh multi-MB tensors fault in new pages every time (a 2 MB tile gather took 1 ms inside the kernel against
+    0.09 ms on its own). Allocated on first use with at least ``hint`` elements, so a call whose steps grow does
+    not reallocate at each of them; grown when a step needs more."""
+
+    def __init__(self, hint: int = 0):
+        self.t: Tensor | None = None
+        self.hint = hint
+
+    def view(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """A (contiguous) tensor of ``shape`` on ``like``'s dtype and device in this buffer's storage."""
+        size = math.prod(shape)
+        if self.t is None or self.t.numel() < size or self.t.dtype != like.dtype or self.t.device != like.device:
+            self.t = like.new_empty(max(size, self.hint))
+        return self.t[:size].view(shape)
+
+
 def _gather_keys(x: Tensor, n0: int, n1: int, flat: Tensor, g: int, Kw: int) -> Tensor:
     """Rows ``flat`` (g * Kw,) of batch rows [n0, n1) of ``x`` (N, S, d), blocked: (n, g, Kw, d). A single batch
     row gathers along its first dim, a plain copy of whole rows (index_select's fastest path)."""
@@ -175,25 +197,19 @@ def _gather_keys(x: Tensor, n0: int, n1: int, flat: Tensor, g: int, Kw: int) -> 
     return x[n0:n1].index_select(1, flat).unflatten(1, (g, Kw))
 
 
-def _gather_tiles(x: Tensor, n0: int, n1: int, tiles: Tensor, block: int, buf: list | None = None) -> Tensor:
+def _gather_tiles(x: Tensor, n0: int, n1: int, tiles: Tensor, block: int, buf: _Buffer | None = None) -> Tensor:
     """Whole key tiles ``tiles`` (g, c) of batch rows [n0, n1) of ``x`` (N, S, d): (n, g, c * block, d), the same
     as :func:`_gather_keys` on their rows, but each tile is copied as one ``block * d`` run (a row-major ``x``
-    views as (N, S // block, block * d)); ``x`` with other strides falls back to the row gather. With ``buf`` (a
-    one-item list) the result is written into ``buf[0]``'s storage, grown when too small, so repeated steps reuse
-    memory that is already mapped instead of faulting in fresh pages."""
+    views as (N, S // block, block * d)), into ``buf`` when given; ``x`` with other strides falls back to the row
+    gather."""
     n, (g, c), d = n1 - n0, tiles.shape, x.shape[-1]
     if x.stride(-1) != 1 or x.stride(-2) != d:
         rows = (tiles.unsqueeze(-1) * block + torch.arange(block, device=x.device)).flatten()
         return _gather_keys(x, n0, n1, rows, g, c * block)
     nt = x.shape[-2] // block  # fused tiles hold no padding, so they all lie below nt * block
     xt = x[n0:n1, : nt * block].view(n, nt, block * d)
-    size = n * g * c * block * d
-    if buf is None:
-        out = x.new_empty(n, g * c, block * d)
-    else:
-        if buf[0] is None or buf[0].numel() < size:
-            buf[0] = x.new_empty(size)
-        out = buf[0][:size].view(n, g * c, block * d)
+    shape = (n, g * c, block * d)
+    out = x.new_empty(shape) if buf is None else buf.view(x, shape)
     if n == 1:
         torch.index_select(xt[0], 0, tiles.flatten(), out=out[0])
     else:
@@ -235,13 +251,9 @@ def _step_rows(ids: Tensor, n0: int, n1: int, sl: slice) -> Tensor:
     return ids[n0, sl] if n1 - n0 == 1 else ids[n0:n1, sl].flatten()
 
 
-def _take(x: Tensor, rows: Tensor, buf: list) -> Tensor:
-    """Rows ``rows`` of ``x`` (R, X): (len(rows), X), written into ``buf[0]``'s storage (grown when too small), so
-    the steps reuse memory that is already mapped instead of faulting in fresh pages each time."""
-    size = rows.shape[0] * x.shape[1]
-    if buf[0] is None or buf[0].numel() < size:
-        buf[0] = x.new_empty(size)
-    return torch.index_select(x, 0, rows, out=buf[0][:size].view(rows.shape[0], x.shape[1]))
+def _take(x: Tensor, rows: Tensor, buf: _Buffer) -> Tensor:
+    """Rows ``rows`` of ``x`` (R, X), written into ``buf``: (len(rows), X)."""
+    return torch.index_select(x, 0, rows, out=buf.view(x, (rows.shape[0], x.shape[1])))
 
 
 def _new_blocks(x: Tensor, N: int, nbq: int, width: int, order: Tensor, fill: float) -> Tensor:
@@ -270,7 +282,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, batch: t
     qb = _blocked(q, Bq)  # (N * nbq, Bq * D)
     out = _new_blocks(q, N, nbq, Bq * Dv, order, 0.0).view(N * nbq, Bq, Dv)
     lse = _new_blocks(q, N, nbq, Bq, order, float("-inf")) if need_lse else None  # (N * nbq, Bq)
-    qbuf = [None]
+    qbuf = _Buffer(min(qb.numel(), _FUSED_BUDGET))
     for grp, masks, (a, b), (n0, n1), sl, _, kb, vb in _plain_steps(plan, q, k, v, batch):
         rows = _step_rows(ids, n0, n1, sl)
         qs = _take(qb, rows, qbuf).view(n1 - n0, b - a, Bq, D).mul_(scale)
@@ -316,7 +328,7 @@ def _backward(q, k, v, out, lse, dout, plan: Plan, scale: float, batch: tuple):
     dq = _new_blocks(q, N, nbq, Bq * D, order, 0.0).view(N * nbq, Bq, D)
     dk = k.new_zeros(k.shape)  # contiguous, so whole tiles view as rows
     dv = v.new_zeros(v.shape)
-    qbuf, dbuf, obuf = [None], [None], [None]
+    qbuf, dbuf, obuf = (_Buffer(min(qb.numel(), _FUSED_BUDGET)) for _ in range(3))
     for grp, masks, (a, b), (n0, n1), sl, flat, kb, vb in _plain_steps(plan, q, k, v, batch):
         rows, shape = _step_rows(ids, n0, n1, sl), (n1 - n0, b - a, Bq, -1)
         qs, dos = _take(qb, rows, qbuf).view(shape).mul_(scale), _take(dob, rows, dbuf).view(shape)
