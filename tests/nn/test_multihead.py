@@ -329,3 +329,44 @@ def test_autocast_accepts_mixed_input_dtypes():
     torch.testing.assert_close(out.float(), m(x, memory), atol=5e-2, rtol=0)
     with pytest.raises(TypeError, match="key"):
         m(x, memory.bfloat16())  # outside autocast the mismatch is a mistake
+
+
+def test_projected_kv_equals_key_value_inputs_and_can_be_extended():
+    """``forward(query, kv=project_kv(key, value))`` is ``forward(query, key, value)`` (grouped heads, other
+    kdim/vdim, a mask, weights); keys and values projected in two parts and concatenated along S are the whole
+    sequence's, which is what a decoder's KV cache relies on."""
+    torch.manual_seed(3)
+    m = MultiHeadAttention(12, 4, num_kv_heads=2, kdim=6, vdim=5)
+    q, k, v = torch.randn(2, 3, 12), torch.randn(2, 7, 6), torch.randn(2, 7, 5)
+    mask = masks.padding(torch.tensor([7, 4]))
+    want, w_want = m(q, k, v, mask=mask, need_weights=True)
+    kv = m.project_kv(k, v)
+    assert kv[0].shape == kv[1].shape == (2, 2, 7, 3)
+    got, w_got = m(q, kv=kv, mask=mask, need_weights=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(w_got, w_want)
+    a, b = m.project_kv(k[:, :4], v[:, :4]), m.project_kv(k[:, 4:], v[:, 4:])
+    joined = tuple(torch.cat([x, y], 2) for x, y in zip(a, b, strict=True))
+    torch.testing.assert_close(m(q, kv=joined, mask=mask), want)
+
+
+def test_projected_kv_errors_name_the_argument():
+    m = MultiHeadAttention(8, 2)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    kv = m.project_kv(k)
+    with pytest.raises(ValueError, match="either key/value or kv"):
+        m(q, k, kv=kv)
+    with pytest.raises(ValueError, match="rotary cannot be combined with kv"):
+        m(q, kv=kv, rotary=True)
+    with pytest.raises(TypeError, match="kv must be a pair"):
+        m(q, kv=[kv[0], kv[1]])
+    with pytest.raises(ValueError, match=r"kv must be two \(B, G, S, D\) = \(2, 2, S, 4\)"):
+        m(q, kv=(kv[0], kv[1][:, :, :3]))
+    with pytest.raises(TypeError, match=r"kv\[0\] must have the dtype"):
+        m(q, kv=(kv[0].double(), kv[1]))
+    with pytest.raises(ValueError, match=r"query must be a floating \(B, L, embed_dim=8\)"):
+        m(torch.randn(2, 3, 6), kv=kv)
+    with pytest.raises(ValueError, match=r"key must be a floating \(B, S, kdim=8\)"):
+        m.project_kv(torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="key and value must agree"):
+        m.project_kv(k, torch.randn(2, 4, 8))

@@ -184,3 +184,41 @@ def test_decoder_prefix_errors():
         layer(x, memory, prefix=torch.randn(2, 3, 6))
     with pytest.raises(ValueError, match="prefix must be"):
         layer(x, memory, prefix=torch.randn(1, 3, 8))
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_decoder_step_with_kv_caches_equals_the_whole_sequence(norm_first):
+    """``step`` with the memory projected once and the self-attention keys/values cached gives what the whole
+    sequence gives at the new positions: one position per call from an empty cache, then a chunk of three,
+    weights included, and the returned cache holds every position so far."""
+    torch.manual_seed(1)
+    layer = TransformerDecoderLayer(16, 4, 32, norm_first=norm_first, num_kv_heads=2).eval()
+    x, memory = torch.randn(3, 7, 16), torch.randn(3, 5, 16)
+    mem_mask = masks.padding(torch.tensor([5, 3, 1]))
+    full, sw, cw = layer(x, memory, self_mask=masks.causal(), memory_mask=mem_mask, need_weights=True)
+    mkv = layer.project_memory(memory)
+    assert mkv[0].shape == (3, 2, 5, 4)
+    past = None
+    for t in range(4):
+        out, past = layer.step(x[:, t : t + 1], mkv, past, memory_mask=mem_mask)
+        torch.testing.assert_close(out, full[:, t : t + 1], rtol=1e-5, atol=1e-6)
+        assert past[0].shape == past[1].shape == (3, 2, t + 1, 4)
+    out, past, psw, pcw = layer.step(x[:, 4:], mkv, past, memory_mask=mem_mask, need_weights=True)
+    torch.testing.assert_close(out, full[:, 4:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(psw, sw[:, :, 4:], rtol=1e-5, atol=1e-6)  # (B, H, 3, 7): causal within the chunk
+    torch.testing.assert_close(pcw, cw[:, :, 4:], rtol=1e-5, atol=1e-6)
+    assert past[0].shape == (3, 2, 7, 4)
+
+
+def test_decoder_step_errors():
+    layer = TransformerDecoderLayer(8, 2)
+    x, memory = torch.randn(2, 1, 8), torch.randn(2, 4, 8)
+    mkv = layer.project_memory(memory)
+    with pytest.raises(ValueError, match=r"past_kv must be the pair of \(B, G, P, D\) = \(2, 2, P, 4\)"):
+        layer.step(x, mkv, (torch.randn(2, 2, 3, 5), torch.randn(2, 2, 3, 5)))
+    with pytest.raises(ValueError, match="past_kv must be"):
+        layer.step(x, mkv, torch.randn(2, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"kv must be two \(B, G, S, D\)"):
+        layer.step(x, (mkv[0][:1], mkv[1][:1]))
+    with pytest.raises(ValueError, match="memory must be"):
+        layer.project_memory(torch.randn(4, 8))

@@ -144,6 +144,7 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         average_weights: bool = False,
         rotary: bool | tuple[Tensor, Tensor] | Callable | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend from ``query`` to ``key``/``value`` (self-attention when both are omitted).
 
@@ -151,6 +152,9 @@ class MultiHeadAttention(nn.Module):
             query: ``(B, L, E)`` tokens.
             key: ``(B, S, E_k)``; default ``query`` (self-attention).
             value: ``(B, S, E_v)``; default ``key``.
+            kv: already projected keys and values ``(K, V)``, each ``(B, G, S, D)``, from :meth:`project_kv`
+                (a KV cache: an encoder's memory projected once, or a decoder's earlier positions concatenated
+                with the new ones along ``S``); then ``key`` and ``value`` must be omitted.
             mask: True = may attend. An :class:`attnkit.masks.Mask` (batched masks such as padding align
                 with ``B``), or a bool tensor ``(S,)``, ``(L, S)`` or ``(B|1, H|1, L|1, S)``. A 3-D tensor is
                 refused as ambiguous (``(B, L, S)`` or ``(H, L, S)``?): add the missing axis yourself.
@@ -176,14 +180,17 @@ class MultiHeadAttention(nn.Module):
             TypeError / ValueError: wrong rank, sizes, dtypes or devices, or a mask/bias that does not
             broadcast to ``(B, H, L, S)``.
         """
-        key = query if key is None else key
-        value = key if value is None else value
-        B, L, S = self._check_inputs(query, key, value)
-        H, G, D = self.num_heads, self.num_kv_heads, self.head_dim
-        # Q = query W_q, K = key W_k, V = value W_v, split into heads
+        H, D = self.num_heads, self.head_dim
+        if kv is not None:
+            B, L, S = self._check_kv(query, key, value, kv, rotary)
+            k, v = kv  # (B, G, S, D) each
+        else:
+            key = query if key is None else key
+            value = key if value is None else value
+            B, L, S = self._check_inputs(query, key, value)
+            k, v = self._project_kv(key, value)  # (B, G, S, D) each
+        # Q = query W_q, split into heads
         q = self.q_proj(query).view(B, L, H, D).transpose(1, 2)  # (B, H, L, D)
-        k = self.k_proj(key).view(B, S, G, D).transpose(1, 2)  # (B, G, S, D)
-        v = self.v_proj(value).view(B, S, G, D).transpose(1, 2)  # (B, G, S, D)
         if rotary is not None and rotary is not False:
             q, k = self._rotate(q, k, rotary)
         mask = _check_mask("mask", mask, (B, H, L, S), query.device)
@@ -199,7 +206,72 @@ class MultiHeadAttention(nn.Module):
             weights = weights.mean(dim=1)  # (B, L, S)
         return out, weights
 
+    def project_kv(self, key: Tensor, value: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The keys and values :meth:`forward` would attend to, split into heads: ``(key W_k, value W_v)``.
+
+        Compute them once and pass them as ``forward(query, kv=...)`` to attend to the same keys from many
+        queries (cross-attention to an encoder's memory while decoding), or concatenate a step's new ones to
+        the earlier ones along dim 2 (a decoder's self-attention KV cache).
+
+        Args:
+            key: ``(B, S, E_k)``. value: ``(B, S, E_v)``, default ``key``.
+
+        Shape:
+            ``(B, S, E_k)``, ``(B, S, E_v)`` -> ``(B, G, S, D)``, ``(B, G, S, D)``.
+        """
+        value = key if value is None else value
+        self._check_kv_inputs(key, value)
+        return self._project_kv(key, value)
+
+    def _project_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        # K = key W_k, V = value W_v, split into heads
+        B, S, G, D = key.shape[0], key.shape[1], self.num_kv_heads, self.head_dim
+        k = self.k_proj(key).view(B, S, G, D).transpose(1, 2)  # (B, G, S, D)
+        v = self.v_proj(value).view(B, S, G, D).transpose(1, 2)  # (B, G, S, D)
+        return k, v
+
     # ------------------------------------------------------------------ checks and helpers
+    def _check_kv_inputs(self, key: Tensor, value: Tensor) -> None:
+        for name, x, size, dim_name in (("key", key, self.kdim, "kdim"), ("value", value, self.vdim, "vdim")):
+            if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 3 or x.shape[-1] != size:
+                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{name} must be a floating (B, S, {dim_name}={size}) tensor; got {got}.")
+        if key.shape[:2] != value.shape[:2] or key.device != value.device:
+            raise ValueError(
+                f"key and value must agree in batch and length (B, S) and device; got key {tuple(key.shape)} on "
+                f"{key.device} and value {tuple(value.shape)} on {value.device}."
+            )
+
+    def _check_kv(self, query: Tensor, key, value, kv, rotary) -> tuple[int, int, int]:
+        """Checks for ``forward(query, kv=(K, V))``; returns ``(B, L, S)``."""
+        if key is not None or value is not None:
+            raise ValueError("pass either key/value or kv=(K, V) (already projected), not both.")
+        if rotary is not None and rotary is not False:
+            raise ValueError(
+                "rotary cannot be combined with kv=(K, V): the positions of already projected keys are not "
+                "known here. Pass key=/value= inputs for rotary attention."
+            )
+        if not isinstance(query, Tensor) or not query.is_floating_point() or query.ndim != 3 \
+                or query.shape[-1] != self.embed_dim:
+            got = f"{tuple(query.shape)} {query.dtype}" if isinstance(query, Tensor) else type(query).__name__
+            raise ValueError(f"query must be a floating (B, L, embed_dim={self.embed_dim}) tensor; got {got}.")
+        B, L = query.shape[:2]
+        G, D = self.num_kv_heads, self.head_dim
+        if not (isinstance(kv, tuple) and len(kv) == 2 and all(isinstance(t, Tensor) for t in kv)):
+            raise TypeError(f"kv must be a pair (K, V) of tensors from project_kv; got {type(kv).__name__}.")
+        k, v = kv
+        if k.ndim != 4 or k.shape[:2] != (B, G) or k.shape[3] != D or k.shape != v.shape:
+            raise ValueError(
+                f"kv must be two (B, G, S, D) = ({B}, {G}, S, {D}) tensors of one shape (from project_kv); got "
+                f"{tuple(k.shape)} and {tuple(v.shape)}."
+            )
+        for name, t in (("kv[0]", k), ("kv[1]", v)):
+            if t.device != query.device or (t.dtype != query.dtype and not torch.is_autocast_enabled(
+                    query.device.type)):
+                raise TypeError(f"{name} must have the dtype and device of query ({query.dtype}, {query.device}); "
+                                f"got ({t.dtype}, {t.device}).")
+        return B, L, k.shape[2]
+
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, int]:
         for name, x, size, dim_name in (
             ("query", query, self.embed_dim, "embed_dim"),

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnkit import masks as _masks
 from attnkit._checks import check_int, check_probability
 from attnkit.masks import Mask
 from attnkit.nn.multihead import MultiHeadAttention
@@ -234,10 +235,66 @@ class TransformerDecoderLayer(_LayerBase):
             ctx = torch.cat([prefix, x], 1)  # (B, P + L, E)
             kv = self.norm1(ctx) if self.norm_first else ctx
         res = self.self_attn(h, kv, mask=self_mask, bias=self_bias, need_weights=need_weights)
+        return self._after_self_attention(x, res, need_weights, lambda h: self.multihead_attn(
+            h, memory, mask=memory_mask, bias=memory_bias, need_weights=need_weights))
+
+    def project_memory(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """The cross-attention's keys and values of ``memory``, for :meth:`step`: compute them once per source
+        sentence instead of at every decoding step. Shape: ``(B, S, E_m)`` -> two ``(B, G, S, D)``."""
+        if not isinstance(memory, Tensor) or memory.ndim != 3:
+            got = tuple(memory.shape) if isinstance(memory, Tensor) else type(memory).__name__
+            raise ValueError(f"memory must be a (B, S, E_m) tensor (encoder output); got {got}.")
+        return self.multihead_attn.project_kv(memory)
+
+    def step(
+        self,
+        x: Tensor,
+        memory_kv: tuple[Tensor, Tensor],
+        past_kv: tuple[Tensor, Tensor] | None = None,
+        *,
+        memory_mask: Mask | Tensor | None = None,
+        memory_bias: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple:
+        """Decode new positions with key/value caches: what ``forward(x, memory, self_mask=masks.causal(),
+        prefix=...)`` gives at these positions, without re-projecting the earlier positions or the memory.
+
+        Args:
+            x: this layer's inputs at the new positions ``P .. P + L - 1`` ``(B, L, E)`` (usually ``L = 1``).
+            memory_kv: :meth:`project_memory` of the encoder output, computed once per source.
+            past_kv: the self-attention keys and values of the ``P`` earlier positions, as returned by the
+                previous call (``None`` or ``P = 0`` at the start).
+            memory_mask, memory_bias, need_weights: as in :meth:`forward`; the self-attention is causal.
+
+        Returns:
+            ``(x, past_kv)`` with ``past_kv`` now holding all ``P + L`` positions ``(B, G, P + L, D)`` each, or
+            ``(x, past_kv, self_weights (B, H, L, P + L), cross_weights (B, H, L, S))`` with ``need_weights``.
+        """
+        h = self.norm1(x) if self.norm_first else x  # the self-attention's queries, keys and values
+        k, v = self.self_attn.project_kv(h)  # (B, G, L, D) each
+        if past_kv is not None:
+            if not (isinstance(past_kv, tuple) and len(past_kv) == 2 and all(
+                    isinstance(t, Tensor) and t.ndim == 4 and t.shape[:2] == k.shape[:2] and t.shape[3] == k.shape[3]
+                    for t in past_kv)):
+                got = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in past_kv] \
+                    if isinstance(past_kv, tuple) else type(past_kv).__name__
+                raise ValueError(f"past_kv must be the pair of (B, G, P, D) = ({k.shape[0]}, {k.shape[1]}, P, "
+                                 f"{k.shape[3]}) tensors returned by the previous step; got {got}.")
+            k, v = torch.cat([past_kv[0], k], 2), torch.cat([past_kv[1], v], 2)  # (B, G, P + L, D)
+        # causal aligns bottom-right: new position P + i sees keys 0 .. P + i; one new position sees them all
+        self_mask = _masks.causal() if x.shape[1] > 1 else None
+        res = self.self_attn(h, kv=(k, v), mask=self_mask, need_weights=need_weights)
+        out = self._after_self_attention(x, res, need_weights, lambda h: self.multihead_attn(
+            h, kv=memory_kv, mask=memory_mask, bias=memory_bias, need_weights=need_weights))
+        return (out[0], (k, v), *out[1:]) if need_weights else (out, (k, v))
+
+    def _after_self_attention(self, x: Tensor, res, need_weights: bool, cross: Callable):
+        """The residual around the self-attention result ``res``, then cross-attention (``cross(h)``) and
+        feed-forward blocks."""
         a, self_weights = res if need_weights else (res, None)
         x = x + self.dropout1(a) if self.norm_first else self.norm1(x + self.dropout1(a))  # (B, L, E)
         h = self.norm2(x) if self.norm_first else x
-        res = self.multihead_attn(h, memory, mask=memory_mask, bias=memory_bias, need_weights=need_weights)
+        res = cross(h)
         c, cross_weights = res if need_weights else (res, None)
         x = x + self.dropout2(c) if self.norm_first else self.norm2(x + self.dropout2(c))  # (B, L, E)
         if self.norm_first:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from attnkit import masks
@@ -89,24 +88,32 @@ class TransformerSeq2Seq(Seq2Seq):
 
     def encode(self, src, src_lens):
         memory, _ = self._encode(src, src_lens)
-        empty = memory.new_zeros(src.shape[0], 0, self.d)
-        # (B, S, d), (B,), then per decoder layer its inputs at the positions decoded so far (B, t, d)
-        return (memory, src_lens, *[empty] * len(self.dec_layers))
+        # (B,) source lengths, then per decoder layer: its cross-attention keys and values of the memory,
+        # projected once here, and its self-attention keys and values of the positions decoded so far (none yet),
+        # each (B, G, S|t, D)
+        state = [src_lens]
+        for layer in self.dec_layers:
+            mk, mv = layer.project_memory(memory)
+            empty = mk.new_zeros(mk.shape[0], mk.shape[1], 0, mk.shape[3])
+            state += [mk, mv, empty, empty]
+        return tuple(state)
 
     def step(self, y_prev, state):
-        """One output word. Each layer attends from the new position to its own inputs at the earlier positions
-        (kept in ``state``), so a step costs O(t) attention and O(1) feed-forward instead of re-running the
-        whole prefix; the logits equal those of :meth:`forward` on the prefix."""
-        memory, src_lens, *cache = state
-        t = cache[0].shape[1] if cache else 0
+        """One output word. Each layer projects only the new position's keys and values and attends over them
+        and its cached ones (``TransformerDecoderLayer.step``); the memory's keys and values were projected once by
+        :meth:`encode`. A step costs O(t) attention and no re-projection; the logits equal those of
+        :meth:`forward` on the prefix."""
+        src_lens, *cache = state
+        t = cache[2].shape[2] if cache else 0
         mask = masks.padding(src_lens)
         x = self.pos(self.tgt_embed(y_prev[:, None]) * math.sqrt(self.d), offset=t)  # (B, 1, d)
-        new_cache, cross = [], None
-        for i, (layer, past) in enumerate(zip(self.dec_layers, cache, strict=True)):
-            new_cache.append(torch.cat([past, x], 1))  # (B, t + 1, d)
-            if i == len(cache) - 1:  # the last layer's cross-attention is the picture
-                x, _, cross = layer(x, memory, memory_mask=mask, prefix=past, need_weights=True)
+        new_state, cross, last = [src_lens], None, len(self.dec_layers) - 1
+        for i, layer in enumerate(self.dec_layers):
+            mk, mv, sk, sv = cache[4 * i : 4 * i + 4]
+            if i == last:  # the last layer's cross-attention is the picture
+                x, (sk, sv), _, cross = layer.step(x, (mk, mv), (sk, sv), memory_mask=mask, need_weights=True)
             else:
-                x = layer(x, memory, memory_mask=mask, prefix=past)
+                x, (sk, sv) = layer.step(x, (mk, mv), (sk, sv), memory_mask=mask)
+            new_state += [mk, mv, sk, sv]
         logits = self.out(self.dec_norm(x[:, 0]))  # (B, V)
-        return logits, (memory, src_lens, *new_cache), cross[:, :, 0].mean(1)  # (B, V), state, (B, S)
+        return logits, tuple(new_state), cross[:, :, 0].mean(1)  # (B, V), state, (B, S)
