@@ -109,3 +109,38 @@ def test_empty_queries_or_keys(backend, L, S):
     assert out.abs().sum() == 0
     out.sum().backward()
     assert q.grad is None or q.grad.abs().sum() == 0
+
+
+def test_sdpa_remembers_a_reused_mask_and_follows_in_place_edits(monkeypatch):
+    """A mask object reused across calls is materialized once for the SDPA path; editing a mask's tensor in place
+    (here a padding length) is seen by the next call."""
+    q, k, v = _qkv(L=12, S=12)
+    win = masks.window(2, 5)
+    calls = []
+    real = masks.Window.materialize
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(masks.Window, "materialize", counting)
+    first = attention(q, k, v, mask=win, backend="sdpa")
+    second = attention(q, k, v, mask=win, backend="sdpa")
+    assert len(calls) == 1 and torch.equal(first, second)
+    ref = masked_softmax_attention_ref(q, k, v, band_mask(12, 12, 2, 5))[0]
+    torch.testing.assert_close(first.double(), ref, rtol=1e-5, atol=1e-5)
+
+    import attnkit.kernels.sdpa as sdpa_mod
+
+    monkeypatch.setattr(sdpa_mod, "_CACHE_MAX", 100)  # larger masks are rebuilt each call, not kept alive
+    big = masks.window(2, 5)
+    attention(q, k, v, mask=big, backend="sdpa")
+    attention(q, k, v, mask=big, backend="sdpa")
+    assert len(calls) == 3
+    lengths = torch.tensor([12, 7])
+    pad = masks.padding(lengths)
+    attention(q, k, v, mask=pad, backend="sdpa")
+    lengths[1] = 4  # in place: the remembered mask must be rebuilt
+    out = attention(q, k, v, mask=pad, backend="sdpa")
+    t = torch.arange(12) < lengths.view(2, 1, 1, 1)  # (B, 1, 1, S)
+    torch.testing.assert_close(out.double(), masked_softmax_attention_ref(q, k, v, t)[0], rtol=1e-5, atol=1e-5)

@@ -203,17 +203,20 @@ def cached_block_mask(mask: _masks.Mask, L: int, S: int, block: int, device=None
                    lambda: mask.block_mask(L, S, block, device=device).to(torch.bool))
 
 
-def cached_on_mask(mask: _masks.Mask, attr: str, key: tuple, build):
+def cached_on_mask(mask: _masks.Mask, attr: str, key: tuple, build, keep=None):
     """``build()``, remembered on ``mask.<attr>`` under ``key`` and the identity and version of every tensor of
     the mask (an in-place edit bumps the version; a replaced tensor has another identity: the entry holds the
     old tensors, so their ids cannot be reused while it lives). Any per-mask derived value (tiles, plans, the
-    keys no query uses) can be remembered this way."""
+    keys no query uses) can be remembered this way. With ``keep``, a value is remembered only if
+    ``keep(value)`` is true (e.g. not when it is too large to keep alive)."""
     tensors: list[Tensor] = []
     full_key = (key, _state(mask, tensors))
     hit = getattr(mask, attr, None)
     if hit is not None and hit[0] == full_key:
         return hit[2]
     value = build()
+    if keep is not None and not keep(value):
+        return value
     try:
         setattr(mask, attr, (full_key, tensors, value))
     except AttributeError:  # a mask class with __slots__: no cache
