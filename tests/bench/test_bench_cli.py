@@ -64,3 +64,48 @@ def test_missing_optional_anchor_is_a_note_and_a_skip(tmp_path, capsys, monkeypa
     out = capsys.readouterr().out
     assert "skipped: torch_geometric not installed" in out
     assert out.rstrip().splitlines()[-2].startswith("targets: ")  # the summary ends the table, then "wrote ..."
+
+
+def test_interrupted_bench_resumes_only_the_missing_cases(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the second case leaves the first saved; --resume times only the second, writes the complete
+    report with both in case order, and removes the partial file. A resume with other settings, or from a damaged
+    file, is refused with the reason."""
+    args = ["bench", "--quick", "--only", "^(dense|causal)-", "--repeats", "1", "--no-memory", "--no-flex",
+            "--out", str(tmp_path)]
+    real = timing.interleaved_medians
+    calls = []
+
+    def interrupting(fns, **kw):
+        calls.append(sorted(fns))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(fns, **kw)
+
+    monkeypatch.setattr(timing, "interleaved_medians", interrupting)
+    assert main(args) == 130
+    assert "--resume" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "bench.partial.json").read_text())
+    assert [c["id"] for c in saved["cases"]] == ["dense-L256"]
+    assert not (tmp_path / "bench.json").exists()
+
+    assert main([*args[:-2], "--repeats", "2", "--out", str(tmp_path), "--resume"]) == 2  # other settings
+    assert "other settings" in capsys.readouterr().err
+
+    calls.clear()
+
+    def counting(fns, **kw):
+        calls.append(sorted(fns))
+        return real(fns, **kw)
+
+    monkeypatch.setattr(timing, "interleaved_medians", counting)
+    assert main([*args, "--resume"]) == 0
+    assert len(calls) == 1  # only causal was timed again
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [c["id"] for c in data["cases"]] == ["dense-L256", "causal-L256"]
+    assert data["cases"][0] == saved["cases"][0]
+    assert data["machine"]["matmul_peak_gflops"] == saved["matmul_peak_gflops"]
+    assert not (tmp_path / "bench.partial.json").exists()
+
+    (tmp_path / "bench.partial.json").write_text("{not json")
+    assert main([*args, "--resume"]) == 2
+    assert "cannot be read" in capsys.readouterr().err

@@ -2,6 +2,12 @@
 
     attnkit bench --out runs/bench            # full run (minutes; run it alone on the machine)
     attnkit bench --quick --out /tmp/b        # small sizes, seconds (what the tests run)
+    attnkit bench --out runs/bench --resume   # after an interruption: time only the cases not done yet
+
+Each finished case is saved at once to ``bench.partial.json`` in ``--out``, so an interrupted run (Ctrl-C) loses
+at most the case it was timing; ``--resume`` keeps the saved cases (every ratio is measured within one case, with
+its implementations interleaved, so cases timed in two sittings still compare like with like) and the file is
+removed when the run completes.
 
 Writes ``bench.json`` (every sample, machine facts, notes), ``bench.txt`` (the table) and ``bench.png``
 (log-log time vs L) to ``--out``, and prints the table, ending with one PASS / MISS / SKIP line per "Done when"
@@ -32,14 +38,43 @@ def register(subparsers) -> None:
                    help="run only cases whose id matches this regular expression (re.search), e.g. 'window.*fwd$'")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention anchor")
+    p.add_argument("--resume", action="store_true",
+                   help=f"keep the cases an interrupted run saved in --out/{PARTIAL} and time only the others")
     p.set_defaults(func=run)
+
+
+PARTIAL = "bench.partial.json"
+
+
+def _settings(args, repeats: int) -> dict:
+    """What must match for saved cases to be reused by --resume."""
+    return {"quick": bool(args.quick), "threads": args.threads, "repeats": repeats, "no_memory": bool(args.no_memory),
+            "no_flex": bool(args.no_flex)}
+
+
+def _load_partial(path: Path, settings: dict) -> tuple[list, float | None, list]:
+    """Saved (cases, matmul peak, notes) of an interrupted run with the same settings; raises ValueError with the
+    reason when the file cannot be used."""
+    import json
+
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return [], None, []
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); delete it or run without --resume") from exc
+    if not isinstance(saved, dict) or saved.get("settings") != settings or not isinstance(saved.get("cases"), list):
+        was = saved.get("settings") if isinstance(saved, dict) else "unknown"
+        raise ValueError(f"{path} was written with other settings ({was}; now {settings}); rerun with those "
+                         "settings, or delete it to start over")
+    return saved["cases"], saved.get("matmul_peak_gflops"), list(saved.get("notes", []))
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from attnkit.bench import anchors, report, targets, timing
     from attnkit.bench import cases as _cases
+    from attnkit.bench import report, targets, timing
 
     if args.threads < 1:
         print(f"--threads must be >= 1; got {args.threads}", file=sys.stderr)
@@ -47,9 +82,19 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    peak = timing.matmul_peak_gflops(args.threads, n=512 if args.quick else 2048)
-    print(f"torch {torch.__version__}, {args.threads} threads, matmul peak {peak:.1f} GFLOP/s", flush=True)
-    notes = []
+    settings = _settings(args, repeats)
+    partial = args.out / PARTIAL
+    done, peak, notes = [], None, []
+    if args.resume:
+        try:
+            done, peak, notes = _load_partial(partial, settings)
+        except ValueError as exc:
+            print(f"--resume: {exc}", file=sys.stderr)
+            return 2
+    if peak is None:  # the saved cases' GFLOP/s are against the peak measured when they were timed
+        peak = timing.matmul_peak_gflops(args.threads, n=512 if args.quick else 2048)
+    print(f"torch {torch.__version__}, {args.threads} threads, matmul peak {peak:.1f} GFLOP/s"
+          + (f"; resuming with {len(done)} saved case(s) from {partial}" if done else ""), flush=True)
     all_cases = _cases.build_cases(args.quick, flex=not args.no_flex)
     import re
 
@@ -59,13 +104,56 @@ def run(args: argparse.Namespace) -> int:
         print(f"--only must be a regular expression; got {args.only!r} ({exc})", file=sys.stderr)
         return 2
     chosen = [c for c in all_cases if pattern.search(c.id)]
-    results = []
+    saved = {e["id"]: e for e in done}
+    results = [saved[c.id] for c in chosen if c.id in saved]
+    chosen = [c for c in chosen if c.id not in saved]
+    if results:
+        print(report.format_table(results).split("\n", 2)[-1], flush=True)
     from attnkit._progress import progress as tqdm
 
     if importlib.util.find_spec("tqdm") is None:  # tqdm is in the [tasks] extra; the bench runs without it
         def tqdm(x, **_):
             return x
     t_start = time.perf_counter()
+    try:
+        _time_cases(chosen, results, notes, args, repeats, peak, tqdm, partial, settings)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {len(results)} case(s) saved in {partial}; run the same command with --resume to "
+              "time the others", file=sys.stderr)
+        return 130
+    order = {c.id: i for i, c in enumerate(all_cases)}
+    results.sort(key=lambda e: order.get(e["id"], len(order)))
+    verdicts = targets.evaluate(results)
+    payload = {
+        "machine": {"torch": torch.__version__, "threads": args.threads, "matmul_peak_gflops": peak,
+                    "cpu_count": os.cpu_count(), "platform": platform.platform(), "quick": args.quick},
+        "timing": "interleaved round-robin, median of repeats; warm-up call not counted unless it took > 5 s",
+        "memory": "peak RSS of a fresh child process over the call (VmHWM after reset) minus RSS before it",
+        "flops": "work needed: 4*B*H*pairs*D forward (allowed pairs only), x3 for forward+backward; "
+                 "additive B*L*S*(4*hidden + 2*Dv)",
+        "wall_s": time.perf_counter() - t_start,
+        "notes": notes,
+        "targets": verdicts,
+        "cases": results,
+    }
+    report.write_json(args.out / "bench.json", payload)
+    partial.unlink(missing_ok=True)  # complete: nothing left to resume
+    head = (f"attnkit bench: torch {torch.__version__}, float32, {args.threads} threads, measured matmul peak "
+            f"{peak:.1f} GFLOP/s; median of interleaved repeats; t/t_attnkit > 1 = attnkit faster")
+    blocks = [head, report.format_table(results), "\n".join(f"note: {n}" for n in notes),
+              targets.format_summary(verdicts, quick=args.quick)]
+    text = "\n\n".join(b for b in blocks if b)
+    report.write_text(args.out / "bench.txt", text + "\n")
+    plotted = report.write_plot(args.out / "bench.png", results)
+    print("\n" + text)
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.txt'}" + (", bench.png" if plotted else ""))
+    return 0
+
+
+def _time_cases(chosen, results, notes, args, repeats, peak, tqdm, partial: Path, settings: dict) -> None:
+    """Time ``chosen`` cases, appending each finished entry to ``results`` and saving all of them to ``partial``."""
+    from attnkit.bench import anchors, report, timing
+
     for case in tqdm(chosen, desc="bench", unit="case", file=sys.stderr):
         fns, errors = {}, {}
         for name, make in case.impls.items():
@@ -104,27 +192,5 @@ def run(args: argparse.Namespace) -> int:
         results.append(entry)
         fns.clear()
         print(report.format_table([entry]).split("\n", 2)[-1], flush=True)
-    verdicts = targets.evaluate(results)
-    payload = {
-        "machine": {"torch": torch.__version__, "threads": args.threads, "matmul_peak_gflops": peak,
-                    "cpu_count": os.cpu_count(), "platform": platform.platform(), "quick": args.quick},
-        "timing": "interleaved round-robin, median of repeats; warm-up call not counted unless it took > 5 s",
-        "memory": "peak RSS of a fresh child process over the call (VmHWM after reset) minus RSS before it",
-        "flops": "work needed: 4*B*H*pairs*D forward (allowed pairs only), x3 for forward+backward; "
-                 "additive B*L*S*(4*hidden + 2*Dv)",
-        "wall_s": time.perf_counter() - t_start,
-        "notes": notes,
-        "targets": verdicts,
-        "cases": results,
-    }
-    report.write_json(args.out / "bench.json", payload)
-    head = (f"attnkit bench: torch {torch.__version__}, float32, {args.threads} threads, measured matmul peak "
-            f"{peak:.1f} GFLOP/s; median of interleaved repeats; t/t_attnkit > 1 = attnkit faster")
-    blocks = [head, report.format_table(results), "\n".join(f"note: {n}" for n in notes),
-              targets.format_summary(verdicts, quick=args.quick)]
-    text = "\n\n".join(b for b in blocks if b)
-    report.write_text(args.out / "bench.txt", text + "\n")
-    plotted = report.write_plot(args.out / "bench.png", results)
-    print("\n" + text)
-    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.txt'}" + (", bench.png" if plotted else ""))
-    return 0
+        report.write_json(partial, {"settings": settings, "matmul_peak_gflops": peak, "notes": notes,
+                                    "cases": results})
