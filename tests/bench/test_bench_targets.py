@@ -117,3 +117,31 @@ def test_window_scaling_uses_the_interleaved_case_and_falls_back_to_the_two_case
     next(c for c in slow if c["role"] == "window_fwdbwd_long")["impls"]["attnkit"]["median_s"] = 1.9
     v = next(v for v in targets.evaluate(slow) if "L=65536 / L=16384" in v["target"])
     assert v["verdict"] == "MISS" and "= 4.75, separate cases" in v["measured"]
+
+
+def test_time_ratios_are_paired_by_round_when_both_ran_in_three_rounds():
+    """Two implementations sampled in the same rounds are compared by the median of the per-round ratios. The
+    dense case's samples below are from a real full run (ms; attnkit's dense path is SDPA itself): the medians of
+    the two series, 330 and 302, make 1.09, a MISS, while the per-round ratios have median 1.01. Fewer than three
+    common rounds (a slow anchor whose only sample is its first call) fall back to the ratio of medians; both
+    figures are shown."""
+    results = _all_pass()
+    mine = [290, 309, 299, 330, 357, 332, 334, 272, 331]
+    sdpa = [302, 302, 277, 301, 365, 329, 326, 272, 331]
+    dense = results[0]
+    dense["impls"]["attnkit"].update(median_s=330.0, times=[float(t) for t in mine], rounds=list(range(9)))
+    dense["impls"]["sdpa"].update(median_s=302.0, times=[float(t) for t in sdpa])  # no rounds: old results
+    name = "dense and causal: attnkit time <= 1.05 x SDPA's"
+    line = {x["target"]: x for x in targets.evaluate(results)}[name]
+    assert line["verdict"] == "MISS" and "dense 1.093 (ratio of medians;" in line["measured"]
+    dense["impls"]["sdpa"]["rounds"] = list(range(9))
+    line = {x["target"]: x for x in targets.evaluate(results)}[name]
+    assert line["verdict"] == "PASS"
+    assert "dense 1.009 (paired median of 9 rounds; ratio of medians 1.09" in line["measured"]
+
+    bs = results[6]
+    bs["impls"]["attnkit"].update(times=[0.19, 0.19], rounds=[0, 1])
+    bs["impls"]["sdpa_nomask"].update(times=[1.0, 1.0], rounds=[-1, 0])
+    line = {x["target"]: x for x in targets.evaluate(results)}[
+        "block-sparse 10 % of 128x128 blocks, L=8192: time <= 0.2 x the dense time"]
+    assert "0.190 (ratio of medians;" in line["measured"]

@@ -1,7 +1,8 @@
 """Timing and memory measurement for ``attnkit bench``.
 
 * Time: the implementations of one case run *interleaved* (round-robin: a, b, c, a, b, c, ...) so that a
-  change in machine load hits all of them alike, and each reports the median of its repeats. The first call of
+  change in machine load hits all of them alike, and each reports the median of its repeats and the round of
+  each sample (the targets compare two implementations by the median of their per-round ratios). The first call of
   each is a warm-up and is not counted, except for calls slower than ``slow_s`` (then the first call is the
   one sample: a multi-second call is not dominated by first-call costs, and repeating it would take minutes).
 * Peak memory: ``tracemalloc`` does not see torch's allocations, so each measured call runs in a fresh
@@ -25,21 +26,27 @@ import torch
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int, slow_s: float = 5.0,
                         budget_s: float = 20.0) -> dict[str, dict]:
-    """Median wall time of each function, run round-robin. Returns ``{name: {"median_s", "n", "times"}}``."""
+    """Median wall time of each function, run round-robin. Returns ``{name: {"median_s", "n", "times",
+    "rounds"}}``: ``rounds[i]`` is the round in which ``times[i]`` was taken (-1 for a slow call's first call), so
+    samples of two implementations from the same round, taken back to back, can be compared pairwise."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    rounds: dict[str, list[int]] = {name: [] for name in fns}
     wanted: dict[str, int] = {}
     for name, fn in fns.items():  # warm-up (or first sample for slow calls)
         t = _timed(fn)
         if t > slow_s:
             samples[name].append(t)
+            rounds[name].append(-1)
             wanted[name] = max(1, min(repeats, int(budget_s // t)))
         else:
             wanted[name] = repeats
-    for _ in range(max(wanted.values(), default=0)):
+    for r in range(max(wanted.values(), default=0)):
         for name, fn in fns.items():
             if len(samples[name]) < wanted[name]:
                 samples[name].append(_timed(fn))
-    return {name: {"median_s": statistics.median(ts), "n": len(ts), "times": ts} for name, ts in samples.items()}
+                rounds[name].append(r)
+    return {name: {"median_s": statistics.median(ts), "n": len(ts), "times": ts, "rounds": rounds[name]}
+            for name, ts in samples.items()}
 
 
 def _timed(fn: Callable[[], object]) -> float:
