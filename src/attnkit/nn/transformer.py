@@ -213,7 +213,8 @@ class TransformerDecoderLayer(_LayerBase):
                 time: the self-attention reads its keys and values from ``cat(prefix, x)`` and ``x`` holds
                 positions ``P .. P + L - 1`` (``masks.causal()`` aligns bottom-right, so it stays right; a single
                 new position needs no mask). The outputs equal those of the whole sequence at these positions,
-                without recomputing the earlier ones. Self weights are then ``(B, H, L, P + L)``.
+                without recomputing the earlier ones. Self weights are then ``(B, H, L, P + L)``. :meth:`step`
+                is the faster form: it caches projected keys and values instead of inputs.
 
         Returns:
             ``x``, or ``(x, self_weights (B, H, L, L), cross_weights (B, H, L, S))``.
