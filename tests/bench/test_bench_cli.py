@@ -106,6 +106,11 @@ def test_interrupted_bench_resumes_only_the_missing_cases(tmp_path, monkeypatch,
     assert data["machine"]["matmul_peak_gflops"] == saved["matmul_peak_gflops"]
     assert not (tmp_path / "bench.partial.json").exists()
 
+    saved["settings"]["attnkit_source"] = "0" * 16  # cases timed on other code are not reused
+    (tmp_path / "bench.partial.json").write_text(json.dumps(saved))
+    assert main([*args, "--resume"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
     (tmp_path / "bench.partial.json").write_text("{not json")
     assert main([*args, "--resume"]) == 2
     assert "cannot be read" in capsys.readouterr().err

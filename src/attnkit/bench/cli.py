@@ -6,8 +6,8 @@
 
 Each finished case is saved at once to ``bench.partial.json`` in ``--out``, so an interrupted run (Ctrl-C) loses
 at most the case it was timing; ``--resume`` keeps the saved cases (every ratio is measured within one case, with
-its implementations interleaved, so cases timed in two sittings still compare like with like) and the file is
-removed when the run completes.
+its implementations interleaved, so cases timed in two sittings still compare like with like) when the options,
+the torch version and attnkit's source are the same, and the file is removed when the run completes.
 
 Writes ``bench.json`` (every sample, machine facts, notes), ``bench.txt`` (the table) and ``bench.png``
 (log-log time vs L) to ``--out``, and prints the table, ending with one PASS / MISS / SKIP line per "Done when"
@@ -47,9 +47,20 @@ PARTIAL = "bench.partial.json"
 
 
 def _settings(args, repeats: int) -> dict:
-    """What must match for saved cases to be reused by --resume."""
+    """What must match for saved cases to be reused by --resume: the options that change what is timed, the torch
+    version, and a hash of attnkit's source (cases timed on other code are not mixed in)."""
+    import hashlib
+
+    import torch
+
+    import attnkit
+
+    digest = hashlib.sha256()
+    root = Path(attnkit.__file__).resolve().parent
+    for f in sorted(root.rglob("*.py")):
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return {"quick": bool(args.quick), "threads": args.threads, "repeats": repeats, "no_memory": bool(args.no_memory),
-            "no_flex": bool(args.no_flex)}
+            "no_flex": bool(args.no_flex), "torch": torch.__version__, "attnkit_source": digest.hexdigest()[:16]}
 
 
 def _load_partial(path: Path, settings: dict) -> tuple[list, float | None, list]:
