@@ -197,24 +197,20 @@ def _gather_keys(x: Tensor, n0: int, n1: int, flat: Tensor, g: int, Kw: int) -> 
     return x[n0:n1].index_select(1, flat).unflatten(1, (g, Kw))
 
 
-def _gather_tiles(x: Tensor, n0: int, n1: int, tiles: Tensor, block: int, buf: _Buffer | None = None) -> Tensor:
+def _gather_tiles(x: Tensor, n0: int, n1: int, tiles: Tensor, block: int, buf: _Buffer) -> Tensor:
     """Whole key tiles ``tiles`` (g, c) of batch rows [n0, n1) of ``x`` (N, S, d): (n, g, c * block, d), the same
     as :func:`_gather_keys` on their rows, but each tile is copied as one ``block * d`` run (a row-major ``x``
-    views as (N, S // block, block * d)), into ``buf`` when given; ``x`` with other strides falls back to the row
-    gather."""
+    views as (N, S // block, block * d)), into ``buf``; ``x`` with other strides falls back to the row gather."""
     n, (g, c), d = n1 - n0, tiles.shape, x.shape[-1]
     if x.stride(-1) != 1 or x.stride(-2) != d:
         rows = (tiles.unsqueeze(-1) * block + torch.arange(block, device=x.device)).flatten()
         return _gather_keys(x, n0, n1, rows, g, c * block)
     nt = x.shape[-2] // block  # fused tiles hold no padding, so they all lie below nt * block
     xt = x[n0:n1, : nt * block].view(n, nt, block * d)
-    shape = (n, g * c, block * d)
-    out = x.new_empty(shape) if buf is None else buf.view(x, shape)
     if n == 1:
-        torch.index_select(xt[0], 0, tiles.flatten(), out=out[0])
-    else:
-        torch.index_select(xt, 1, tiles.flatten(), out=out)
-    return out.view(n, g, c * block, d)
+        return _take(xt[0], tiles.flatten(), buf).view(1, g, c * block, d)
+    out = buf.view(x, (n, g * c, block * d))
+    return torch.index_select(xt, 1, tiles.flatten(), out=out).view(n, g, c * block, d)
 
 
 def _add_tiles(acc: Tensor, n0: int, n1: int, tiles: Tensor, grad: Tensor, block: int) -> None:

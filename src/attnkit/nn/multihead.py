@@ -231,17 +231,6 @@ class MultiHeadAttention(nn.Module):
         return k, v
 
     # ------------------------------------------------------------------ checks and helpers
-    def _check_kv_inputs(self, key: Tensor, value: Tensor) -> None:
-        for name, x, size, dim_name in (("key", key, self.kdim, "kdim"), ("value", value, self.vdim, "vdim")):
-            if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 3 or x.shape[-1] != size:
-                got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-                raise ValueError(f"{name} must be a floating (B, S, {dim_name}={size}) tensor; got {got}.")
-        if key.shape[:2] != value.shape[:2] or key.device != value.device:
-            raise ValueError(
-                f"key and value must agree in batch and length (B, S) and device; got key {tuple(key.shape)} on "
-                f"{key.device} and value {tuple(value.shape)} on {value.device}."
-            )
-
     def _check_kv(self, query: Tensor, key, value, kv, rotary) -> tuple[int, int, int]:
         """Checks for ``forward(query, kv=(K, V))``; returns ``(B, L, S)``."""
         if key is not None or value is not None:
@@ -251,10 +240,7 @@ class MultiHeadAttention(nn.Module):
                 "rotary cannot be combined with kv=(K, V): the positions of already projected keys are not "
                 "known here. Pass key=/value= inputs for rotary attention."
             )
-        if not isinstance(query, Tensor) or not query.is_floating_point() or query.ndim != 3 \
-                or query.shape[-1] != self.embed_dim:
-            got = f"{tuple(query.shape)} {query.dtype}" if isinstance(query, Tensor) else type(query).__name__
-            raise ValueError(f"query must be a floating (B, L, embed_dim={self.embed_dim}) tensor; got {got}.")
+        self._check_tokens("query", query, self.embed_dim, "embed_dim")
         B, L = query.shape[:2]
         G, D = self.num_kv_heads, self.head_dim
         if not (isinstance(kv, tuple) and len(kv) == 2 and all(isinstance(t, Tensor) for t in kv)):
@@ -272,32 +258,39 @@ class MultiHeadAttention(nn.Module):
                                 f"got ({t.dtype}, {t.device}).")
         return B, L, k.shape[2]
 
-    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, int]:
-        for name, x, size, dim_name in (
-            ("query", query, self.embed_dim, "embed_dim"),
-            ("key", key, self.kdim, "kdim"),
-            ("value", value, self.vdim, "vdim"),
-        ):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor (B, L, E); got {type(x).__name__}.")
-            if not x.is_floating_point():
-                raise TypeError(
-                    f"{name} must be a floating-point tensor; got {x.dtype}. Convert with .float()."
-                )
-            if x.ndim != 3:
-                raise ValueError(
-                    f"{name} must have shape (B, length, features) (batch first); got {tuple(x.shape)}. "
-                    "For a single sequence use x.unsqueeze(0); for seq-first tensors use attnkit.nn.compat."
-                )
-            if x.shape[-1] != size:
-                raise ValueError(
-                    f"{name} last dimension must equal {dim_name}={size}; got shape {tuple(x.shape)}."
-                )
+    @staticmethod
+    def _check_tokens(name: str, x, size: int, dim_name: str) -> None:
+        """``x`` must be a floating (B, length, size) tensor."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (B, L, E); got {type(x).__name__}.")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor; got {x.dtype}. Convert with .float()."
+            )
+        if x.ndim != 3:
+            raise ValueError(
+                f"{name} must have shape (B, length, features) (batch first); got {tuple(x.shape)}. "
+                "For a single sequence use x.unsqueeze(0); for seq-first tensors use attnkit.nn.compat."
+            )
+        if x.shape[-1] != size:
+            raise ValueError(
+                f"{name} last dimension must equal {dim_name}={size}; got shape {tuple(x.shape)}."
+            )
+
+    def _check_kv_inputs(self, key: Tensor, value: Tensor) -> None:
+        self._check_tokens("key", key, self.kdim, "kdim")
+        self._check_tokens("value", value, self.vdim, "vdim")
         if key.shape[:2] != value.shape[:2]:
             raise ValueError(
                 f"key and value must agree in batch and length (B, S); got key {tuple(key.shape)} and "
                 f"value {tuple(value.shape)}."
             )
+        if key.device != value.device:
+            raise TypeError(f"key and value must be on one device; got {key.device} and {value.device}.")
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, int]:
+        self._check_tokens("query", query, self.embed_dim, "embed_dim")
+        self._check_kv_inputs(key, value)
         if key.shape[0] != query.shape[0]:
             raise ValueError(
                 f"key batch size must equal query batch size {query.shape[0]}; got key {tuple(key.shape)}."
