@@ -246,3 +246,44 @@ def random_mask(shape, generator: torch.Generator, p: float = 0.5, *, mixed: boo
             flat[int(torch.randint(flat.numel(), (1,), generator=generator))] = True
         assert_mixed(m)
     return m
+
+
+# ---- FlexAttention's model: score_mod and mask_mod on every (b, h, i, j) --------------------------------------
+
+
+def flex_ref(query: Tensor, key: Tensor, value: Tensor, score_mod=None, mask_mod=None, scale: float | None = None
+             ) -> tuple[Tensor, Tensor]:
+    """``softmax_j(score_mod(scale q_i . k_j, b, h, i, j) | mask_mod(b, h, i, j)) v_j`` for (B, H, L, D) inputs
+    (key/value heads repeated for grouped queries), and the log-sum-exp (B, H, L) (-inf for a row with no key).
+    The mods are called once per pair with scalar index tensors, as FlexAttention defines them."""
+    B, H, L, D = query.shape
+    S = key.shape[-2]
+    k = repeat_kv_heads(key, H).to(F64)
+    v = repeat_kv_heads(value, H).to(F64)
+    q = query.to(F64)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    out = torch.zeros(B, H, L, v.shape[-1], dtype=F64)
+    lse = torch.full((B, H, L), float("-inf"), dtype=F64)
+    idx = [torch.tensor(n) for n in range(max(B, H, L, S))]
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                scores, keep = [], []
+                for j in range(S):
+                    # s_ij = score_mod(scale q_i . k_j, b, h, i, j)
+                    s = (q[b, h, i] * k[b, h, j]).sum() * scale
+                    if score_mod is not None:
+                        s = score_mod(s, idx[b], idx[h], idx[i], idx[j])
+                    scores.append(s)
+                    keep.append(True if mask_mod is None else bool(mask_mod(idx[b], idx[h], idx[i], idx[j])))
+                allowed = [s for s, ok in zip(scores, keep, strict=True) if ok]
+                if not allowed:
+                    continue  # no allowed key: zero output
+                m = torch.stack(allowed).max()
+                # w_ij = exp(s_ij - m) / sum_j' exp(s_ij' - m) over allowed j
+                e = [torch.exp(s - m) if ok else torch.zeros((), dtype=F64) for s, ok in zip(scores, keep, strict=True)]
+                total = torch.stack(e).sum()
+                out[b, h, i] = sum(e[j] / total * v[b, h, j] for j in range(S))
+                lse[b, h, i] = m + torch.log(total)
+    return out, lse

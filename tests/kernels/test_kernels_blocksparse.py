@@ -6,7 +6,7 @@ import torch
 from _kernel_ref import masked_softmax_attention_ref
 
 from attnkit import masks
-from attnkit.kernels.blocksparse import blocksparse_attention, plan_from_mask, run_plan, weights_from_lse
+from attnkit.kernels.blocksparse import blocksparse_attention, run_plan, weights_from_lse
 
 
 def _qkv(B=2, H=3, L=40, S=40, D=8, Dv=5, dtype=torch.float32, seed=0, scale=1.0):
@@ -35,7 +35,7 @@ def _close(a, ref, rtol=1e-5, atol=1e-5):
 
 def test_plan_keeps_full_tiles_unmasked_and_masks_partial_ones():
     m = _tiled(64, 64, 16, full=[(0, 0), (0, 2), (1, 1), (3, 3)], partial=[(1, 3), (2, 0)])
-    plan = plan_from_mask(masks.dense(m), 64, 64, block=16, batch_ndim=2)
+    plan = masks.dense(m).plan(64, 64, 16, batch_ndim=2)
     assert plan.pairs == 6 * 16 * 16  # every non-empty tile once, no empty tile
     tiles = {}  # (query block, key block) -> partial?
     for grp in plan.groups:
@@ -49,6 +49,11 @@ def test_plan_keeps_full_tiles_unmasked_and_masks_partial_ones():
     assert tiles == {(0, 0): False, (0, 2): False, (1, 1): False, (3, 3): False, (1, 3): True, (2, 0): True}
 
 
+def _bounds(n, size):
+    lo = torch.arange(0, n, size)
+    return lo, torch.clamp(lo + size, max=n) - 1
+
+
 def test_and_of_masks_drops_tiles_without_an_allowed_pair():
     L = S = 32
     a = torch.zeros(L, S, dtype=torch.bool)
@@ -58,8 +63,10 @@ def test_and_of_masks_drops_tiles_without_an_allowed_pair():
     a[16:, 16:] = True
     b[16:, 16:] = True
     mask = masks.dense(a) & masks.dense(b)
-    assert bool(mask.block_mask(L, S, 16)[0, 0])  # the block masks over-approximate
-    plan = plan_from_mask(mask, L, S, block=16, batch_ndim=2)
+    # each part's tile (0, 0) is partial, so And cannot classify it from the parts: it is evaluated, and empty
+    assert int(mask.tile_states(*_bounds(L, 16), *_bounds(S, 16), L, S)[0, 0]) == masks.PARTIAL
+    assert not bool(mask.block_mask(L, S, 16)[0, 0])
+    plan = mask.plan(L, S, 16, batch_ndim=2)
     assert plan.pairs == 16 * 16  # only tile (1, 1) is computed
     q, k, v = _qkv(L=L, S=S)
     out = run_plan(q, k, v, plan)
@@ -110,7 +117,7 @@ def test_weights_for_chosen_rows_equal_the_full_weights():
     L = S = 48
     m = _tiled(L, S, 16, full=[(0, 0), (2, 1)], partial=[(1, 2), (2, 2)], seed=6)
     q, k, v = _qkv(L=L, S=S)
-    plan = plan_from_mask(masks.dense(m), L, S, block=16, batch_ndim=2)
+    plan = masks.dense(m).plan(L, S, 16, batch_ndim=2)
     _, w = run_plan(q, k, v, plan, return_weights=True)
     # lse_i = log sum_j exp(s_ij) over the allowed keys (rows without any: -inf)
     s = (q.double() @ k.double().transpose(-1, -2) * 8**-0.5).masked_fill(~m, float("-inf"))
@@ -125,9 +132,9 @@ def test_plan_is_cached_per_mask_and_rebuilt_when_the_mask_changes():
     t = torch.zeros(L, S, dtype=torch.bool)
     t[:, :8] = True
     m = masks.dense(t)
-    p1 = plan_from_mask(m, L, S, block=8, batch_ndim=2)
-    assert plan_from_mask(m, L, S, block=8, batch_ndim=2) is p1  # same mask, same shape: reused
-    assert plan_from_mask(m, L, S, block=16, batch_ndim=2) is not p1  # another block size: rebuilt
+    p1 = m.plan(L, S, 8, batch_ndim=2)
+    assert m.plan(L, S, 8, batch_ndim=2) is p1  # same mask, same shape: reused
+    assert m.plan(L, S, 16, batch_ndim=2) is not p1  # another block size: rebuilt
     # an in-place edit of the tensor: the cached plan must not be reused
     blocksparse_attention(q, k, v, m, block=8)
     t[:, 20:] = True

@@ -136,12 +136,11 @@ def test_blocksparse_gradcheck_float64():
 
 
 def test_blocksparse_skips_empty_tiles():
-    from attnkit.kernels.blocksparse import plan_from_mask
 
     tiles = torch.zeros(8, 8, dtype=torch.bool)
     tiles[torch.arange(8), (torch.arange(8) * 3) % 8] = True
     m = tiles.repeat_interleave(16, 0).repeat_interleave(16, 1)  # (128, 128), 1/8 of the tiles
-    plan = plan_from_mask(masks.dense(m), 128, 128, block=16)
+    plan = masks.dense(m).plan(128, 128, 16)
     assert plan.pairs == 128 * 16  # one 16-key tile per query row, not 128 keys
 
 

@@ -9,6 +9,7 @@ symbol          argument             shape
 ``K``           ``key``              ``(..., S, Dk)``   (``(B, Hkv, S, D)``; ``Hkv`` may divide ``H``: GQA/MQA)
 ``V``           ``value``            ``(..., S, Dv)``
 ``score``       ``score``            callable ``(q, k) -> (..., L, S)``; see :mod:`attnkit.functional.scores`
+``score_mod``   ``score_mod``        ``(score, b, h, q_idx, kv_idx) -> score``: FlexAttention's, per tile
 ``mask``        ``mask``             :class:`attnkit.masks.Mask` or bool tensor broadcastable to the scores
 ``bias``        ``bias``             float tensor broadcastable to the scores (ALiBi, relative positions)
 ==============  ===================  ===================================================================
@@ -16,16 +17,16 @@ symbol          argument             shape
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from attnkit import masks as _masks
+from attnkit import scores as _scores
 from attnkit._checks import check_broadcast, check_probability, check_tensor
-from attnkit.functional import scores as _scores
-from attnkit.functional.softmax import NORMALIZERS
-from attnkit.kernels._tiles import cached_on_mask
+from attnkit.softmax import NORMALIZERS
 
 __all__ = ["attention"]
 
@@ -42,14 +43,16 @@ def attention(
     value: Tensor,
     *,
     score: Callable[[Tensor, Tensor], Tensor] | str = _scores.scaled_dot,
+    score_mod: Callable | None = None,
     mask: _masks.Mask | Tensor | None = None,
     bias: Tensor | None = None,
     normalize: str | Callable[[Tensor, Tensor | None], Tensor] = "softmax",
     scale: float | None = None,
     dropout_p: float = 0.0,
-    return_weights: bool = False,
+    return_weights: bool | str = False,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | tuple[Tensor, ...]:
     """Attention: score every key for every query, normalize, and average the values with those weights.
 
     ``out = normalize(score(query, key) * scale + bias, mask) @ value``. The dense scaled-dot softmax case runs
@@ -58,19 +61,28 @@ def attention(
     Args:
         query, key, value: floating tensors of one dtype and device.
         score: scoring function ``(q, k) -> scores`` or one of ``"dot"``, ``"scaled_dot"``, ``"gaussian"``.
+            A callable of your own may be called on chunks of keys only if it sets ``score.index_free = True``;
+            anything that depends on positions belongs in ``score_mod``.
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, applied to the scaled
+            scores of each tile with that tile's (broadcastable) index tensors; captured floating tensors get
+            gradients, integer ones are read. Existing FlexAttention mods run unchanged.
         mask: which keys each query may attend to (True = may attend). A query with no allowed key gets zero
             weights and zero output.
         bias: additive float term on the scores (never use it for masking: use ``mask``).
         normalize: ``"softmax"`` (default), ``"none"``, ``"relu"``, ``"sigmoid"`` or ``(scores, mask) -> weights``.
         scale: multiplier on the scores; for ``scaled_dot`` it replaces ``1 / sqrt(Dk)``.
         dropout_p: dropout on the weights (applied whenever > 0: pass 0.0 at evaluation time).
-        return_weights: also return the attention weights.
+        return_weights: also return the attention weights; ``"sparse"`` returns them as a coalesced
+            ``torch.sparse_coo_tensor`` holding only the pairs the kernel computed (no ``L x S`` tensor on the
+            sparse kernels).
+        return_lse: also return the natural-log log-sum-exp of each query's scores ``(..., L)`` (``-inf`` for a
+            row with no allowed key), so results over key blocks merge exactly; it carries no gradient.
         backend: ``"auto"`` picks from the mask's structure; ``"math"`` is the plain reference path,
             ``"sdpa"`` PyTorch's fused kernel; see :mod:`attnkit.kernels.dispatch` for the others.
 
     Returns:
-        ``out``, or ``(out, weights)`` when ``return_weights``; ``weights`` are the ones that multiplied
-        ``value`` (after dropout).
+        ``out``; with ``return_weights`` and/or ``return_lse``, the tuple ``(out, weights, lse)`` of what was
+        asked, in that order. ``weights`` are the ones that multiplied ``value`` (after dropout).
 
     Shape:
         query ``(..., L, Dk)``, key ``(..., S, Dk)``, value ``(..., S, Dv)`` -> out ``(..., L, Dv)``,
@@ -87,6 +99,9 @@ def attention(
     score = _resolve_score(score)
     if score in (_scores.dot, _scores.scaled_dot, _scores.gaussian):
         _scores._same_dim(query, key, score.__name__)
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"score_mod must be a callable (score, b, h, q_idx, kv_idx) -> score; got "
+                        f"{type(score_mod).__name__}.")
     mask = _check_mask(mask, scores_shape)
     if bias is not None:
         check_tensor("bias", bias, floating=True, hint="bias is an additive float term; masks go in mask=.")
@@ -96,17 +111,25 @@ def attention(
             f"normalize must be one of {sorted(NORMALIZERS)} or a callable (scores, mask) -> weights; "
             f"got {normalize!r}."
         )
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}.")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None; got {type(scale).__name__}.")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite; got {scale!r}.")
+    if return_weights not in (False, True, "sparse"):
+        raise ValueError(f"return_weights must be False, True or 'sparse'; got {return_weights!r}.")
     dropout_p = check_probability("dropout_p", dropout_p)
 
-    if mask is not None:
+    if mask is not None and not dispatch._tracing():
         key, value = _sanitize_unused_keys(mask, query, key, value)
-    kwargs = dict(score=score, mask=mask, bias=bias, normalize=normalize, dropout_p=dropout_p,
-                  return_weights=bool(return_weights))
-    name = dispatch.choose(query, key, value, **kwargs) if backend == "auto" else dispatch.validate(
-        backend, query, key, value, **kwargs)
-    return dispatch.run(name, query, key, value, scale=scale, **kwargs)
+    request = dict(score=score, score_mod=score_mod, mask=mask, bias=bias, normalize=normalize, scale=scale,
+                   dropout_p=dropout_p, return_weights=return_weights, return_lse=bool(return_lse))
+    name = dispatch.choose(query, key, value, **request) if backend == "auto" else dispatch.validate(
+        backend, query, key, value, **request)
+    out, weights, lse = dispatch.run(name, query, key, value, **request)
+    if not (return_weights or return_lse):
+        return out
+    return (out,) + ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
 
 
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[int, ...]]:
@@ -188,80 +211,23 @@ def _check_mask(mask: _masks.Mask | Tensor | None, scores_shape: tuple[int, ...]
         check_broadcast("mask", mask.shape, scores_shape,
                         hint="For key padding use attnkit.masks.padding(lengths).")
         return _masks.Dense(mask)
-    if not isinstance(mask, _masks.Mask):
-        raise TypeError(f"mask must be an attnkit Mask or a boolean tensor; got {type(mask).__name__}.")
-    _validate_mask(mask, scores_shape)
+    mask = _as_attnkit_mask(mask)
+    mask.check(scores_shape)
     return mask
 
 
-def _validate_mask(mask: _masks.Mask, scores_shape: tuple[int, ...]) -> None:
-    """Check that a mask object fits scores of ``scores_shape`` without materializing it."""
-    L, S = scores_shape[-2:]
-    if isinstance(mask, (_masks.And, _masks.Or)):
-        _validate_mask(mask.a, scores_shape)
-        _validate_mask(mask.b, scores_shape)
-    elif isinstance(mask, _masks.Dense):
-        check_broadcast("mask", mask.tensor.shape, scores_shape)
-    elif isinstance(mask, _masks.Padding):
-        b = mask.lengths.shape[0]
-        if len(scores_shape) < 3 or (scores_shape[0] != b and b != 1):
-            raise ValueError(
-                f"padding mask has lengths for batch {b}, but the scores have shape {scores_shape} "
-                "(batch is the first dimension)."
-            )
-        if mask.lengths.ndim == 2 and mask.lengths.shape[1] != L:
-            raise ValueError(
-                f"per-query padding lengths must have shape (B, L) = ({b}, {L}); got {tuple(mask.lengths.shape)}."
-            )
-    elif isinstance(mask, _masks.Graph):
-        mask._check_size(L, S)
+def _as_attnkit_mask(mask) -> _masks.Mask:
+    """attnkit masks pass; a BlockMask of ``torch.nn.attention.flex_attention`` is converted (its mask_mod)."""
+    if isinstance(mask, _masks.Mask):
+        return mask
+    if type(mask).__name__ == "BlockMask" and hasattr(mask, "mask_mod"):
+        return _masks.from_torch_block_mask(mask)
+    raise TypeError(f"mask must be an attnkit Mask or a boolean tensor; got {type(mask).__name__}.")
 
 
-def _unused_keys(mask: _masks.Mask, L: int, S: int, batch_ndim: int, device) -> Tensor | None:
-    """Keys no query may attend, shaped ``(..., S, 1)`` to broadcast against key/value; ``None`` if unknown.
-
-    Every mask kind answers in O(S) (or O(E) for graphs, O(L S) for dense tensors) without materializing."""
-    if isinstance(mask, _masks.Padding):
-        lengths = mask.lengths.to(device)
-        if lengths.ndim == 2:  # (B,): a key is used if any query may see it (no queries: none is)
-            lengths = lengths.amax(1) if lengths.shape[1] else lengths.new_zeros(lengths.shape[0])
-        unused = torch.arange(S, device=device)[None, :] >= lengths[:, None]  # (B, S)
-        return unused.reshape(unused.shape[0], *([1] * (batch_ndim - 1)), S, 1)  # (B, 1.., S, 1)
-    if isinstance(mask, _masks.Window):
-        # keys reachable from some query: [0 + S - L - left, L - 1 + S - L + right]
-        lo = S - L - mask.left if mask.left is not None else -S
-        hi = S - 1 + mask.right if mask.right is not None else 2 * S
-        if L > 0 and lo <= 0 and hi >= S - 1:  # every key is reachable (causal with L <= S, most windows)
-            return None
-        j = torch.arange(S, device=device)
-        return ((j < lo) | (j > hi) | (L == 0)).unsqueeze(-1)  # (S, 1)
-    if isinstance(mask, (_masks.Graph, _masks.Dense)):  # O(E) / O(L S): remembered on the mask until it changes
-        return cached_on_mask(mask, "_attnkit_unused", ("unused", L, S, str(device)),
-                              lambda: _unused_keys_of_tensor_mask(mask, L, S, device))
-    if isinstance(mask, (_masks.And, _masks.Or)):
-        a = _unused_keys(mask.a, L, S, batch_ndim, device)
-        b = _unused_keys(mask.b, L, S, batch_ndim, device)
-        if isinstance(mask, _masks.And):
-            return a if b is None else b if a is None else a | b
-        return None if a is None or b is None else a & b
-    return None
-
-
-def _unused_keys_of_tensor_mask(mask: _masks.Graph | _masks.Dense, L: int, S: int, device) -> Tensor | None:
-    if isinstance(mask, _masks.Graph):
-        used = torch.zeros(S, dtype=torch.bool, device=device)
-        used[mask.edge_index[0].to(device)] = True  # a key is used if it is the source of an edge
-        return (~used).unsqueeze(-1)  # (S, 1)
-    t = mask.materialize(L, S, device=device)
-    if t.shape[-1] != S:
-        return None
-    used = t if t.ndim == 1 else t.any(-2)  # (..., S): may any query attend this key?
-    return (~used).unsqueeze(-1)  # (..., S, 1)
-
-
-def _sanitize_unused_keys(mask, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+def _sanitize_unused_keys(mask: _masks.Mask, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
     """Zero key/value rows that no query may attend, so NaN/inf sitting in padding cannot leak (0 * NaN = NaN)."""
-    unused = _unused_keys(mask, query.shape[-2], key.shape[-2], query.ndim - 2, query.device)
+    unused = mask.unused_keys(query.shape[-2], key.shape[-2], query.ndim - 2, query.device)
     if unused is None or not bool(unused.any()):
         return key, value
     return key.masked_fill(unused, 0.0), value.masked_fill(unused, 0.0)

@@ -1,8 +1,8 @@
 """Block-sparse softmax attention: compute scores only on the (query block, key tile) pairs a mask needs.
 
-The queries are cut into blocks of ``block`` rows. A :class:`Plan` (built once per mask and shape by
-:func:`plan_from_mask` and remembered on the mask) gives each query block ``b`` the key indices ``kidx[b]`` of its
-non-empty tiles (or, for a window, one contiguous slice); blocks with the same number of keys form a *group*,
+The queries are cut into blocks of ``block`` rows. A plan (:class:`attnkit.masks.BlockMask`, built once per mask
+and shape by ``mask.plan(L, S)`` and remembered by the mask) gives each query block ``b`` the key indices
+``kidx[b]`` of its non-empty tiles (or, for a window, one contiguous slice); blocks with the same number of keys form a *group*,
 computed together with batched matmuls on one gather of the keys per step:
 
     S_b = scale * Q_b K[kidx_b]^T  (masked only on partially kept tiles)     (block_rows, Kw)
@@ -37,11 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit import masks as _masks
-from attnkit.kernels._tiles import Group, Plan, cached_block_mask, plan_from_mask
+from attnkit.kernels._contract import dot_scale, softmax_dot_reason
+from attnkit.masks import BlockMask, Group
 
-__all__ = ["blocksparse_attention", "Group", "Plan", "cached_block_mask", "plan_from_mask", "run_plan",
-           "weights_from_lse"]
+__all__ = ["blocksparse_attention", "run_plan", "weights_from_lse"]
 
+Plan = BlockMask  # the kernels' name for the plan they run
+
+_TILE = 128  # tile rows and columns of the plans auto uses
 _BUDGET = 1 << 18  # score elements per step (batch included): a step's scores stay in the L2 cache
 _FUSED_BUDGET = 1 << 20  # gathered key and value elements per step of a fused group (4 MiB in float32; 1 and 16 MiB
 # steps were within noise of it at L=8192, 10 % of tiles)
@@ -378,11 +381,11 @@ def _prepare(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor,
 
 
 def run_plan(query: Tensor, key: Tensor, value: Tensor, plan: Plan, *, scale: float | None = None,
-             return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             return_weights: bool | str = False, return_lse: bool = False) -> Tensor | tuple[Tensor, ...]:
     """Run softmax attention on the tiles of ``plan`` (see the module docstring).
 
-    Returns ``out`` (*b, L, Dv), or ``(out, weights)`` with dense weights (*b, L, S) rebuilt from the
-    log-sum-exp (zeros outside the tiles).
+    Returns ``out`` (*b, L, Dv), then (as asked) weights (*b, L, S), dense and rebuilt from the log-sum-exp
+    (zeros outside the tiles) or ``"sparse"`` (a COO tensor of the computed pairs), and the log-sum-exp (*b, L).
     """
     q, k, v = _prepare(query, key, value)
     if scale is None:
@@ -392,16 +395,26 @@ def run_plan(query: Tensor, key: Tensor, value: Tensor, plan: Plan, *, scale: fl
     # batch dims flattened: (N, L, D), (N, S, D), (N, S, Dv)
     N = math.prod(batch)
     qf, kf, vf = q.reshape(N, L, D).to(acc), k.reshape(N, S, D).to(acc), v.reshape(N, S, v.shape[-1]).to(acc)
+    want_lse = bool(return_weights or return_lse)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _BlockSparse.apply(qf, kf, vf, plan, float(scale), tuple(batch))
     else:  # inference: no autograd record, and no log-sum-exp unless the weights are wanted
-        out, lse = _forward(qf, kf, vf, plan, float(scale), tuple(batch), need_lse=return_weights)
+        out, lse = _forward(qf, kf, vf, plan, float(scale), tuple(batch), need_lse=want_lse)
     out = out.reshape(*batch, L, v.shape[-1]).to(q.dtype)  # (*b, L, Dv)
-    if return_weights:
-        lse = lse.reshape(*batch, L)  # (*b, L)
-    if not return_weights:
+    if not want_lse:
         return out
-    return out, weights_from_lse(q, k, lse, plan, float(scale)).to(q.dtype)
+    lse = lse.reshape(*batch, L)  # (*b, L)
+    res = [out]
+    if return_weights == "sparse":
+        from attnkit.kernels.tiled import tiled_attention
+
+        with torch.no_grad():
+            res.append(tiled_attention(q, k, v, plan, scale=float(scale), return_weights="sparse")[1])
+    elif return_weights:
+        res.append(weights_from_lse(q, k, lse, plan, float(scale)).to(q.dtype))
+    if return_lse:
+        res.append(lse.detach())
+    return tuple(res)
 
 
 def weights_from_lse(q: Tensor, k: Tensor, lse: Tensor, plan: Plan, scale: float,
@@ -454,7 +467,8 @@ def weights_from_lse(q: Tensor, k: Tensor, lse: Tensor, plan: Plan, scale: float
 
 def blocksparse_attention(query: Tensor, key: Tensor, value: Tensor, mask: _masks.Mask | Tensor, *,
                           scale: float | None = None, block: int = 128,
-                          return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                          return_weights: bool | str = False, return_lse: bool = False
+                          ) -> Tensor | tuple[Tensor, ...]:
     """Scaled dot-product softmax attention that computes only the tiles where ``mask`` holds a True.
 
     ``out_i = sum_j softmax_j(scale q_i . k_j | mask_ij) v_j``; empty rows give zeros.
@@ -478,8 +492,8 @@ def blocksparse_attention(query: Tensor, key: Tensor, value: Tensor, mask: _mask
     mask = _masks.as_mask(mask)
     L, S = query.shape[-2], key.shape[-2]
     batch_ndim = max(query.ndim, key.ndim) - 2
-    plan = plan_from_mask(mask, L, S, block=block, batch_ndim=batch_ndim, device=query.device)
-    return run_plan(query, key, value, plan, scale=scale, return_weights=return_weights)
+    plan = mask.plan(L, S, block, batch_ndim=batch_ndim, device=query.device)
+    return run_plan(query, key, value, plan, scale=scale, return_weights=return_weights, return_lse=return_lse)
 
 
 def _check(query: Tensor, key: Tensor, value: Tensor) -> None:
@@ -496,3 +510,33 @@ def _check(query: Tensor, key: Tensor, value: Tensor) -> None:
         raise ValueError(f"query and key must share the last dim D; got {query.shape[-1]} and {key.shape[-1]}.")
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"key and value must share the length S; got {key.shape[-2]} and {value.shape[-2]}.")
+
+
+# ---- the kernel contract (attnkit.kernels._contract) ---------------------------------------------------------
+
+def supports(query, key, value, *, mask=None, **request) -> str | None:
+    reason = softmax_dot_reason(**request)
+    if reason:
+        return reason
+    if mask is None or mask.is_full:
+        return "there is no mask, so no tile can be skipped; use backend='sdpa'"
+    return None
+
+
+def suits(query, key, value, *, mask=None, **_) -> bool:
+    """Worth it when at most 30 % of the tiles hold an allowed pair, from 512 x 512 pairs."""
+    L, S = query.shape[-2], key.shape[-2]
+    if L * S < 512 * 512:
+        return False
+    return mask.plan(L, S, _TILE, batch_ndim=max(query.ndim, key.ndim) - 2, device=query.device).density <= 0.3
+
+
+def run(query, key, value, *, score, mask, scale, return_weights, return_lse=False, **_):
+    L, S = query.shape[-2], key.shape[-2]
+    plan = mask.plan(L, S, _TILE, batch_ndim=max(query.ndim, key.ndim) - 2, device=query.device)
+    res = run_plan(query, key, value, plan, scale=dot_scale(query, score, scale), return_weights=return_weights,
+                   return_lse=return_lse)
+    res = res if isinstance(res, tuple) else (res,)
+    out, rest = res[0], list(res[1:])
+    weights = rest.pop(0) if return_weights else None
+    return out, weights, (rest.pop(0) if return_lse else None)

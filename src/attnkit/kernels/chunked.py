@@ -38,8 +38,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from attnkit import masks as _masks
-from attnkit.functional import scores as _scores
-from attnkit.kernels._tiles import mask_on_tiles
+from attnkit import scores as _scores
+from attnkit.masks import allowed_on
 
 __all__ = ["chunked_attention"]
 
@@ -160,7 +160,8 @@ def chunked_attention(
     scale: float | None = None,
     chunk_size: int | None = None,
     return_weights: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Softmax attention with any score function, computed over tiles of pairs with an online softmax.
 
     ``out = softmax(score(q, k) * scale + bias, mask) @ v`` (``scale`` replaces 1/sqrt(D) for ``scaled_dot``).
@@ -175,6 +176,7 @@ def chunked_attention(
         chunk_size: keys per chunk; default keeps a tile near 2^18 score elements (additive: 2^20 elements of
             the tanh buffer).
         return_weights: also return the weights (..., L, S), rebuilt tile by tile from the log-sum-exp.
+        return_lse: also return the log-sum-exp (..., L) (natural log, -inf for rows with no key).
 
     Returns:
         ``out`` (..., L, Dv) in the input dtype, or ``(out, weights)``.
@@ -215,7 +217,9 @@ def chunked_attention(
         out = query.new_zeros(*batch, L, value.shape[-1])
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
             out = out + 0.0 * (query.sum() + key.sum() + value.sum())
-        return (out, query.new_zeros(*batch, L, 0)) if return_weights else out
+        lse0 = query.new_full((*batch, L), float("-inf"))
+        return (out,) + ((query.new_zeros(*batch, L, 0),) if return_weights else ()) + \
+            ((lse0,) if return_lse else ()) if (return_weights or return_lse) else out
     grad = torch.is_grad_enabled()
     outs, lses = [], []
     for r0, r1 in row_blocks:
@@ -226,7 +230,7 @@ def chunked_attention(
             allowed = None
             if mask is not None:
                 kj = torch.arange(c0, c1, device=query.device).unsqueeze(0)  # (1, C)
-                allowed = mask_on_tiles(mask, qi, kj, L, S, batch_ndim).squeeze(-3)  # (*mb, R, C)
+                allowed = allowed_on(mask, qi, kj, L, S, batch_ndim).squeeze(-3)  # (*mb, R, C)
             args = (q_r, k_in[..., c0:c1, :], value[..., c0:c1, :], _bias_tile(bias, r0, r1, c0, c1), allowed,
                     tile_score, scale)
             if grad:  # keep only the tile's inputs; recompute its scores in backward
@@ -243,13 +247,17 @@ def chunked_attention(
             a_tot = a_tot * r_old + a * r_new
             M = M_new
         outs.append(a_tot / torch.where(l_tot > 0, l_tot, torch.ones_like(l_tot)))  # (*b, R, Dv)
-        if return_weights:
+        if return_weights or return_lse:
             # lse = M + log l (differentiable through l); +inf on empty rows so their weights are exactly 0
             lses.append(torch.where(l_tot > 0, M + torch.log(torch.where(l_tot > 0, l_tot, torch.ones_like(l_tot))),
                                     torch.full_like(l_tot, float("inf"))))  # (*b, R, 1)
     out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)).to(query.dtype)  # (*b, L, Dv)
+    lse_out = None
+    if return_lse:  # +inf marked empty rows for the weights; the contract says -inf
+        lse_all = torch.cat(lses, dim=-2).squeeze(-1).detach()  # (*b, L)
+        lse_out = torch.where(torch.isinf(lse_all) & (lse_all > 0), float("-inf"), lse_all).expand(*batch, L)
     if not return_weights:
-        return out
+        return (out, lse_out) if return_lse else out
     rows = []
     for (r0, r1), lse in zip(row_blocks, lses, strict=True):
         qi = torch.arange(r0, r1, device=query.device).unsqueeze(0)  # (1, R)
@@ -261,9 +269,51 @@ def chunked_attention(
                 s = s + b_c.to(acc)
             if mask is not None:
                 kj = torch.arange(c0, c1, device=query.device).unsqueeze(0)  # (1, C)
-                s = s.masked_fill(~mask_on_tiles(mask, qi, kj, L, S, batch_ndim).squeeze(-3), float("-inf"))
+                s = s.masked_fill(~allowed_on(mask, qi, kj, L, S, batch_ndim).squeeze(-3), float("-inf"))
             p = torch.exp(s - lse)  # (*b, R, C)
             parts.append(p.expand(*batch, r1 - r0, c1 - c0))
         rows.append(torch.cat(parts, dim=-1))  # (*b, R, S)
     weights = rows[0] if len(rows) == 1 else torch.cat(rows, dim=-2)  # (*b, L, S)
-    return out, weights.to(query.dtype)
+    return (out, weights.to(query.dtype)) + ((lse_out,) if return_lse else ())
+
+
+# ---- the kernel contract (attnkit.kernels._contract) ---------------------------------------------------------
+
+def index_free(score) -> bool:
+    """Whether ``score(q, k)`` may be called on key chunks: attnkit's own scores (and ``functools.partial`` of
+    them), or a callable that declares ``score.index_free = True``. A score that depends on positions (a
+    relative bias closure) would see chunk-local positions, so it is never split unless it says so."""
+    base = score.func if isinstance(score, functools.partial) else score
+    if base in (_scores.dot, _scores.scaled_dot, _scores.gaussian, _scores.general, _scores.additive,
+                _scores.concat):
+        return True
+    return bool(getattr(score, "index_free", False))
+
+
+def supports(query, key, value, *, score, score_mod=None, normalize, dropout_p, **_) -> str | None:
+    if normalize != "softmax":
+        return "its online softmax serves normalize='softmax' only; use backend='math'"
+    if dropout_p > 0:
+        return "it has no dropout on the weights; use backend='math'"
+    if score_mod is not None:
+        return "it takes no score_mod; use backend='tiled'"
+    if not index_free(score):
+        return ("it calls score(q, k) on key chunks, and this score callable does not declare itself "
+                "position-independent (set score.index_free = True if it is; for positions use score_mod=, "
+                "which gets the tile's indices)")
+    return None
+
+
+def suits(query, key, value, **_) -> bool:
+    return query.shape[-2] * key.shape[-2] >= 512 * 512
+
+
+def run(query, key, value, *, score, mask, bias, scale, return_weights, return_lse=False, **_):
+    res = chunked_attention(query, key, value, score=score, mask=mask, bias=bias, scale=scale,
+                            return_weights=bool(return_weights), return_lse=return_lse)
+    res = res if isinstance(res, tuple) else (res,)
+    out, rest = res[0], list(res[1:])
+    weights = rest.pop(0) if return_weights else None
+    if return_weights == "sparse":
+        weights = weights.to_sparse()
+    return out, weights, (rest.pop(0) if return_lse else None)

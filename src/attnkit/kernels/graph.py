@@ -397,3 +397,66 @@ def graph_attention(
     if st.perm is not None:
         w = w.index_select(0, st.inverse())  # (E, H) in the caller's edge order
     return out, w.to(query.dtype)
+
+
+# ---- the kernel contract (attnkit.kernels._contract) ---------------------------------------------------------
+
+def supports(query, key, value, *, mask=None, return_lse=False, **request) -> str | None:
+    from attnkit.kernels._contract import softmax_dot_reason
+
+    reason = softmax_dot_reason(**request)
+    if reason:
+        return reason
+    if mask is None or query.shape[-2] != key.shape[-2] or mask.edges(query.shape[-2]) is None:
+        return f"it needs a graph mask (masks.graph(edge_index, num_nodes=N)) with L == S; got {mask!r}"
+    if return_lse:
+        return "it does not return the log-sum-exp; use backend='blocksparse'"
+    return None
+
+
+def suits(query, key, value, **_) -> bool:
+    return True
+
+
+def _unique_edges(ei: Tensor, N: int) -> Tensor:
+    """A dense mask counts an edge once: drop duplicate edges so both agree. Sorted by destination, which the
+    kernel then uses as is. ``(2, E)`` sources, destinations."""
+    flat = torch.unique(ei[1] * max(N, 1) + ei[0])  # (E,): 1-D unique is much faster than unique(dim=1)
+    return torch.stack([flat % max(N, 1), flat // max(N, 1)])
+
+
+def run(query, key, value, *, score, mask, scale, return_weights, **_):
+    from attnkit.kernels._contract import dot_scale
+
+    N = query.shape[-2]
+    batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+    nb = math.prod(batch)
+    D, Dv = query.shape[-1], value.shape[-1]
+    q = query.expand(*batch, N, D).reshape(nb, N, D).transpose(0, 1)  # (N, nb, D)
+    k = key.expand(*batch, N, D).reshape(nb, N, D).transpose(0, 1)  # (N, nb, D)
+    v = value.expand(*batch, N, Dv).reshape(nb, N, Dv).transpose(0, 1)  # (N, nb, Dv)
+    edge_index = mask.remember(("edges", N, str(query.device)),
+                               lambda: _unique_edges(mask.edges(N).to(query.device), N))  # (2, E)
+    out, w = graph_attention(q, k, v, edge_index, scale=dot_scale(query, score, scale), return_weights=True)
+    out = out.transpose(0, 1).reshape(*batch, N, Dv)  # (*b, N, Dv)
+    if not return_weights:
+        return out, None, None
+    idx = (torch.arange(nb, device=w.device).view(-1, 1), edge_index[1], edge_index[0])
+    if return_weights == "sparse":
+        ii = torch.stack([idx[0].expand(nb, edge_index.shape[1]).flatten(),
+                          edge_index[1].repeat(nb), edge_index[0].repeat(nb)])
+        sp = torch.sparse_coo_tensor(ii, w.transpose(0, 1).flatten(), (nb, N, N)).coalesce()
+        return out, sp if len(batch) == 1 else _reshape_sparse(sp, batch), None
+    dense = w.new_zeros(nb, N, N).index_put(idx, w.transpose(0, 1), accumulate=True)  # (nb, N, N)
+    return out, dense.reshape(*batch, N, N), None
+
+
+def _reshape_sparse(sp: Tensor, batch: tuple) -> Tensor:
+    """A (nb, N, N) sparse COO tensor as (*batch, N, N)."""
+    idx, vals = sp.indices(), sp.values()
+    coords, rem = [], idx[0]
+    for size in reversed(batch):
+        coords.append(rem % size)
+        rem = rem // size
+    full = torch.stack([*reversed(coords), idx[1], idx[2]])
+    return torch.sparse_coo_tensor(full, vals, (*batch, *sp.shape[1:])).coalesce()

@@ -39,14 +39,15 @@ import torch
 from torch import Tensor
 
 from attnkit import masks as _masks
-from attnkit.kernels._tiles import mask_on_tiles
-from attnkit.kernels.blocksparse import Group, Plan, _check, weights_from_lse
+from attnkit.kernels._contract import dot_scale, softmax_dot_reason
+from attnkit.kernels.blocksparse import _check, weights_from_lse
+from attnkit.masks import BlockMask, Group, allowed_on
 
 __all__ = ["window_attention", "window_plan"]
 
 
 def window_plan(L: int, S: int, left: int, right: int, *, block: int = 64, device=None,
-                extra: _masks.Mask | None = None, batch_ndim: int = 2) -> Plan:
+                extra: _masks.Mask | None = None, batch_ndim: int = 2) -> BlockMask:
     """Tiles of a ``window(left, right)`` mask: one group, query block ``b`` reads keys from
     ``b * block + S - L - left`` on, ``block + left + right`` of them. ``extra`` (e.g. padding) is and-ed in.
     """
@@ -57,14 +58,15 @@ def window_plan(L: int, S: int, left: int, right: int, *, block: int = 64, devic
     qi = torch.arange(nbq, device=device).unsqueeze(-1) * block + torch.arange(block, device=device)  # (nbq, Bq)
     win = _masks.Window(left, right)
     mask = win if extra is None else _masks.And(win, extra)
-    allowed = mask_on_tiles(mask, qi, kj, L, S, batch_ndim)  # (*mb, nbq, Bq, Kw)
+    allowed = allowed_on(mask, qi, kj, L, S, batch_ndim)  # (*mb, nbq, Bq, Kw)
     # blocks whose whole slice lies outside [0, S) (possible when L > S) compute nothing: drop them
     live = ((kj >= 0) & (kj < S)).any(-1)  # (nbq,)
     if not bool(live.all()):
         keep = torch.nonzero(live).flatten()
-        return Plan(L, S, block, [Group(keep, kj[keep].clamp(0, max(S - 1, 0)),
-                                        allowed.index_select(-3, keep))] if keep.numel() else [])
-    return Plan(L, S, block, [Group(torch.arange(nbq, device=device), kj.clamp(0, max(S - 1, 0)), allowed)])
+        return BlockMask(L, S, block, [Group(keep, kj[keep].clamp(0, max(S - 1, 0)),
+                                             allowed.index_select(-3, keep))] if keep.numel() else [], mask=mask)
+    return BlockMask(L, S, block, [Group(torch.arange(nbq, device=device), kj.clamp(0, max(S - 1, 0)), allowed)],
+                     mask=mask)
 
 
 _BUDGET = 1 << 19  # score elements per step (tiles x Bq x Kw): a few MB, so the passes over a step hit the cache
@@ -373,7 +375,7 @@ class _WindowAttention(torch.autograd.Function):
 
 def window_attention(query: Tensor, key: Tensor, value: Tensor, *, left: int, right: int,
                      scale: float | None = None, block: int = 64,
-                     return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                     return_weights: bool | str = False, return_lse: bool = False) -> Tensor | tuple[Tensor, ...]:
     """Softmax attention restricted to a band: query i sees keys i' - left .. i' + right (i' = i + S - L).
 
     ``out_i = sum_{j in band(i)} softmax_j(scale q_i . k_j) v_j``; rows whose band misses ``[0, S)`` give 0.
@@ -392,10 +394,12 @@ def window_attention(query: Tensor, key: Tensor, value: Tensor, *, left: int, ri
         scale: score multiplier.
         block: query rows per tile (default 64); a tile holds ``block * ceil((block + left + right) / block)``
             keys, so work is about ``L * (block + left + right)`` pairs.
-        return_weights: also return dense weights (*b, L, S), rebuilt from the log-sum-exp.
+        return_weights: also return dense weights (*b, L, S), rebuilt from the log-sum-exp, or with
+            ``"sparse"`` a sparse COO tensor of the band only.
+        return_lse: also return the log-sum-exp (*b, L) (natural log, -inf on rows with no key).
 
     Returns:
-        ``out`` (*b, L, Dv) or ``(out, weights)``.
+        ``out`` (*b, L, Dv), then ``weights`` and ``lse`` as asked, in that order.
 
     Shape:
         query (*b, L, D), key (*b, S, D), value (*b, S, Dv) -> out (*b, L, Dv).
@@ -427,10 +431,46 @@ def window_attention(query: Tensor, key: Tensor, value: Tensor, *, left: int, ri
 
     q_, k_, v_ = prep(q), prep(k), prep(v)
     training = torch.is_grad_enabled() and (q_.requires_grad or k_.requires_grad or v_.requires_grad)
-    out, lse = _WindowAttention.apply(q_, k_, v_, geo, float(scale), return_weights, training)
+    out, lse = _WindowAttention.apply(q_, k_, v_, geo, float(scale), bool(return_weights or return_lse), training)
     out = out.reshape(*batch, L, v.shape[-1]).to(query.dtype)  # (*b, L, Dv)
-    if not return_weights:
+    lse = lse.reshape(*batch, L) if (return_weights or return_lse) else None
+    weights = None
+    if return_weights:
+        plan = window_plan(L, S, left, right, block=block, device=query.device, batch_ndim=len(batch))
+        if return_weights == "sparse":
+            from attnkit.kernels.tiled import tiled_attention
+
+            with torch.no_grad():
+                weights = tiled_attention(q, k, v, plan, scale=float(scale), return_weights="sparse")[1]
+        else:
+            weights = weights_from_lse(q, k, lse, plan, float(scale)).to(query.dtype)
+    if not (return_weights or return_lse):
         return out
-    plan = window_plan(L, S, left, right, block=block, device=query.device, batch_ndim=len(batch))
-    weights = weights_from_lse(q, k, lse.reshape(*batch, L), plan, float(scale))
-    return out, weights.to(query.dtype)
+    return (out,) + ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
+
+
+# ---- the kernel contract (attnkit.kernels._contract) ---------------------------------------------------------
+
+def supports(query, key, value, *, mask=None, **request) -> str | None:
+    reason = softmax_dot_reason(**request)
+    if reason:
+        return reason
+    if mask is None or mask.window() is None:
+        return f"it needs mask=masks.window(left, right) with both widths finite; got {mask!r}"
+    return None
+
+
+def suits(query, key, value, *, mask=None, **_) -> bool:
+    left, right = mask.window()
+    L, S = query.shape[-2], key.shape[-2]
+    return L * S >= 256 * 256 and 4 * (left + right + 1) <= S
+
+
+def run(query, key, value, *, score, mask, scale, return_weights, return_lse=False, **_):
+    left, right = mask.window()
+    res = window_attention(query, key, value, left=left, right=right, scale=dot_scale(query, score, scale),
+                           return_weights=return_weights, return_lse=return_lse)
+    res = res if isinstance(res, tuple) else (res,)
+    out, rest = res[0], list(res[1:])
+    weights = rest.pop(0) if return_weights else None
+    return out, weights, (rest.pop(0) if return_lse else None)

@@ -1,0 +1,46 @@
+"""The kernel contract: what every kernel file exports, and the request helpers they share.
+
+A kernel file defines three functions over one *request* (keyword arguments ``score``, ``score_mod``,
+``mask``, ``bias``, ``normalize``, ``scale``, ``dropout_p``, ``return_weights``, ``return_lse``; ``mask`` is an
+:class:`attnkit.masks.Mask` or None):
+
+* ``supports(query, key, value, **request) -> str | None``: None if it can serve the request, else the reason;
+* ``suits(query, key, value, **request) -> bool``: whether ``backend="auto"`` should pick it (speed);
+* ``run(query, key, value, **request) -> (out, weights | None, lse | None)``.
+
+:mod:`attnkit.kernels.dispatch` holds the ordered table. ``lse`` is the natural-log log-sum-exp of the scores
+each query normalized over (``-inf`` for a row with no allowed key), ``(..., L)``; it carries no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+from attnkit import scores as _scores
+
+
+def dot_scale(query, score, scale) -> float:
+    """Scale of a dot-product score: ``scale`` replaces 1/sqrt(D) for scaled_dot, multiplies ``dot``."""
+    if scale is not None:
+        return float(scale)
+    D = query.shape[-1]
+    return 1.0 / math.sqrt(D) if score is _scores.scaled_dot and D else 1.0
+
+
+def is_dot(score) -> bool:
+    return score in (_scores.scaled_dot, _scores.dot)
+
+
+def softmax_dot_reason(*, score, score_mod=None, bias=None, normalize="softmax", dropout_p=0.0, **_) -> str | None:
+    """Why a plain dot-product softmax kernel (no score_mod, bias or dropout) cannot serve, or None."""
+    if not is_dot(score):
+        return "it computes dot-product scores only (score=scaled_dot or dot); use backend='chunked' or 'math'"
+    if normalize != "softmax":
+        return "it normalizes with softmax only; use backend='math'"
+    if score_mod is not None:
+        return "it takes no score_mod; use backend='tiled' (score_mod per tile) or 'math'"
+    if bias is not None:
+        return "it takes no bias; use backend='chunked' (online softmax with bias) or 'math'"
+    if dropout_p > 0:
+        return "it has no dropout on the weights; use backend='math'"
+    return None
