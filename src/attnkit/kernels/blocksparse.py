@@ -2,8 +2,8 @@
 
 The queries are cut into blocks of ``block`` rows. A plan (:class:`attnkit.masks.BlockMask`, built once per mask
 and shape by ``mask.plan(L, S)`` and remembered by the mask) gives each query block ``b`` the key indices
-``kidx[b]`` of its non-empty tiles (or, for a window, one contiguous slice); blocks with the same number of keys form a *group*,
-computed together with batched matmuls on one gather of the keys per step:
+``kidx[b]`` of its non-empty tiles (or, for a window, one contiguous slice); blocks with the same number of
+keys form a *group*, computed together with batched matmuls on one gather of the keys per step:
 
     S_b = scale * Q_b K[kidx_b]^T  (masked only on partially kept tiles)     (block_rows, Kw)
     lse_b = log sum_j exp(S_b)  ;  O_b = exp(S_b - lse_b) V[kidx_b]
