@@ -60,7 +60,8 @@ def scaled_dot(query: Tensor, key: Tensor, scale: float | None = None) -> Tensor
         query ``(..., L, D)``, key ``(..., S, D)`` -> ``(..., L, S)``.
     """
     _same_dim(query, key, "scaled_dot")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if scale is None:  # D = 0: every score is 0 whatever the scale
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
     # a(q, k) = q . k / sqrt(d)
     return (query @ key.transpose(-2, -1)) * scale  # (..., L, S)
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from attnkit import masks as _masks
 from attnkit import scores as _scores
 from attnkit._checks import check_broadcast, check_probability, check_tensor
+from attnkit.functional import _nonfinite
 from attnkit.softmax import NORMALIZERS
 
 __all__ = ["attention"]
@@ -120,13 +121,15 @@ def attention(
         raise ValueError(f"return_weights must be False, True or 'sparse'; got {return_weights!r}.")
     dropout_p = check_probability("dropout_p", dropout_p)
 
+    seen = None
     if mask is not None and not dispatch._tracing():
         key, value = _sanitize_unused_keys(mask, query, key, value)
+        query, key, value, seen = _nonfinite.guard(query, key, value, mask)
     request = dict(score=score, score_mod=score_mod, mask=mask, bias=bias, normalize=normalize, scale=scale,
                    dropout_p=dropout_p, return_weights=return_weights, return_lse=bool(return_lse))
     name = dispatch.choose(query, key, value, **request) if backend == "auto" else dispatch.validate(
         backend, query, key, value, **request)
-    out, weights, lse = dispatch.run(name, query, key, value, **request)
+    out, weights, lse = _nonfinite.poison(seen, *dispatch.run(name, query, key, value, **request))
     if not (return_weights or return_lse):
         return out
     return (out,) + ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())

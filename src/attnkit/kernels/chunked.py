@@ -48,6 +48,8 @@ _ADDITIVE_BUDGET = 1 << 20  # elements of the (batch, R, C, hidden) tanh buffer 
 
 
 def _scores_for(score: Callable, q: Tensor, k: Tensor, scale: float | None) -> Tensor:
+    if q.dtype in (torch.float16, torch.bfloat16) and score in (_scores.dot, _scores.scaled_dot, _scores.gaussian):
+        q, k = q.float(), k.float()  # q . k of half inputs can exceed 65504 where the scaled score does not
     if score is _scores.scaled_dot:
         return _scores.scaled_dot(q, k, scale=scale)  # (*b, R, C)
     s = score(q, k)  # (*b, R, C)

@@ -43,6 +43,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def _steps(G: int, N: int, per: int):
     """``(n0, n1), (a, b)``: batch rows and group rows of a step of at most ``_BUDGET`` score elements."""
+    if N == 0:
+        return
     if N * per <= _BUDGET:
         step = max(1, _BUDGET // (N * per))
         for a in range(0, G, step):
