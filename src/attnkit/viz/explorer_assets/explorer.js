@@ -120,7 +120,11 @@
     const height = ROW_H * Math.max(rows.length, cols.length);
     svg.setAttribute("height", String(height));
     svg.setAttribute("viewBox", "0 0 220 " + height);
-    const all = keptInView() <= ALL_LINES_MAX;
+    allLines();
+  }
+  function allLines() { // every kept line of the active heads, when there are few enough to draw
+    const svg = $("hv-svg"), L = layer(), all = keptInView() <= ALL_LINES_MAX;
+    clear(svg);
     svg.setAttribute("data-all-lines", String(all));
     if (all) {
       for (const h of state.active) for (let t = 0; t < L.T; t++) for (const [j, w] of row(h, t)) line(svg, h, t, j, w);
@@ -159,7 +163,7 @@
     for (const s of document.querySelectorAll("#hv .tok")) {
       s.classList.remove("focus", "hl"); s.style.background = ""; delete s.dataset.w; s.removeAttribute("title");
     }
-    renderHead();
+    allLines();
   }
 
   // ---- matrix view ----
