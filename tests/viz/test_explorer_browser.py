@@ -1,7 +1,7 @@
 """The explorer in headless Chromium: no console error, hovering a token highlights exactly the weights given,
 heads and layers switch, the matrix view reads back the weight under the mouse, the model view opens a thumbnail,
 a hostile token stays text, and a 2,048-token 8-head layer opens in under 5 s. Screenshots go to
-``runs/test-artifacts`` (see conftest)."""
+``runs/test-artifacts`` (see tests/browser.py)."""
 
 from __future__ import annotations
 

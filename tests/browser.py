@@ -1,5 +1,6 @@
-"""A headless Chromium for the explorer's browser tests (Debian's ``chromium`` + ``chromium-driver``, driven by
-Selenium with the driver and binary paths given, so Selenium Manager never downloads anything).
+"""The ``browser`` fixture (re-exported by tests/conftest.py): headless Chromium for the explorer's browser tests
+(Debian's ``chromium`` + ``chromium-driver``, driven by Selenium with the driver and binary paths given, so
+Selenium Manager never downloads anything).
 
 Tests that ask for ``browser`` are skipped, with the reason, when selenium, ``/usr/bin/chromium`` or
 ``/usr/bin/chromedriver`` is missing (``make test`` installs them when it runs as root on Debian/Ubuntu).
@@ -16,7 +17,7 @@ import pytest
 
 CHROMIUM = os.environ.get("ATTNKIT_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("ATTNKIT_CHROMEDRIVER", "/usr/bin/chromedriver")
-ARTIFACTS = Path(os.environ.get("ATTNKIT_ARTIFACTS", Path(__file__).resolve().parents[2] / "runs" / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("ATTNKIT_ARTIFACTS", Path(__file__).resolve().parents[1] / "runs" / "test-artifacts"))
 
 
 class Page:
