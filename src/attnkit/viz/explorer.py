@@ -249,9 +249,12 @@ def _image(image, patch_grid, patch_offset: int, n_tokens: int) -> dict:
 
 
 def _graph(positions, n_tokens: int, center: int | None) -> dict:
+    import numpy as np
     import torch
 
-    pos = torch.as_tensor(positions, dtype=torch.float64).detach().cpu()
+    if isinstance(positions, torch.Tensor):
+        positions = positions.detach().cpu().numpy()
+    pos = torch.from_numpy(np.asarray(positions, dtype=np.float64))
     if pos.shape != (n_tokens, 2):
         raise ValueError(f"positions must be (N, 2) = ({n_tokens}, 2), one point per token; got {tuple(pos.shape)}")
     lo, span = pos.min(0).values, (pos.max(0).values - pos.min(0).values).clamp_min(1e-9)

@@ -247,22 +247,31 @@
     for (const h of state.active) {
       const fig = el("figure", { "data-head": String(h) }), c = el("canvas", { width: String(pw * zoom), height: String(ph * zoom) });
       const ctx = c.getContext("2d");
-      for (let y = 0; y < ph; y++) for (let x = 0; x < pw; x++) {
-        const v = 255 - im.pixels[y][x];
-        ctx.fillStyle = "rgb(" + v + "," + v + "," + v + ")";
-        ctx.fillRect(x * zoom, y * zoom, zoom, zoom);
-      }
       const weights = new Array(gh * gw).fill(0);
       for (const [j, w] of row(h, Math.min(state.query, layer().T - 1))) {
         const p = j - im.offset;
         if (p >= 0 && p < gh * gw && kind().cols === "source") weights[p] = w;
       }
+      // attention first (colour of the head, alpha = weight / the row's largest), then the digit's ink on top
       const top = Math.max(1e-9, ...weights), cw = pw * zoom / gw, chh = ph * zoom / gh;
+      ctx.fillStyle = "#fff";
+      ctx.fillRect(0, 0, c.width, c.height);
+      ctx.fillStyle = colour(h);
       weights.forEach((w, p) => {
-        ctx.fillStyle = colour(h);
-        ctx.globalAlpha = 0.75 * w / top;
+        ctx.globalAlpha = 0.85 * w / top;
         ctx.fillRect((p % gw) * cw, Math.floor(p / gw) * chh, cw, chh);
       });
+      ctx.fillStyle = "#000";
+      for (let y = 0; y < ph; y++) for (let x = 0; x < pw; x++) {
+        ctx.globalAlpha = 0.6 * im.pixels[y][x] / 255;
+        ctx.fillRect(x * zoom, y * zoom, zoom, zoom);
+      }
+      ctx.globalAlpha = 1;
+      const qp = state.query - im.offset;
+      if (qp >= 0 && qp < gh * gw) {
+        ctx.strokeStyle = "#d00"; ctx.lineWidth = 2;
+        ctx.strokeRect((qp % gw) * cw + 1, Math.floor(qp / gw) * chh + 1, cw - 2, chh - 2);
+      }
       ctx.globalAlpha = 1;
       c.dataset.w = weights.map(fmt).join(" ");
       c.addEventListener("mousemove", (ev) => {
@@ -286,7 +295,14 @@
     const q = Math.min(state.query, toks.length - 1), into = new Array(toks.length).fill(null);
     const edges = el("svg:g", {}), nodes = el("svg:g", {});
     svg.appendChild(edges); svg.appendChild(nodes);
-    const H = layer().heads.length;
+    const H = layer().heads.length, hd0 = layer().heads[0];
+    for (let t = 0; t < toks.length; t++) { // the neighbourhood's edges, faint, for its shape
+      for (let i = hd0.ptr[t]; i < hd0.ptr[t + 1]; i++) {
+        const j = hd0.cols[i];
+        if (j < t) edges.appendChild(el("svg:line", { x1: String(xy[j][0]), y1: String(xy[j][1]), x2: String(xy[t][0]),
+          y2: String(xy[t][1]), stroke: "#ccc", "stroke-width": "1", class: "edge" }));
+      }
+    }
     for (let h = 0; h < H; h++) {
       for (const [j, w] of row(h, q)) {
         if (!into[j]) into[j] = new Array(H).fill(0);
@@ -294,7 +310,7 @@
         if (!state.active.includes(h) || j === q) continue;
         edges.appendChild(el("svg:line", { x1: String(xy[j][0]), y1: String(xy[j][1]), x2: String(xy[q][0]),
           y2: String(xy[q][1]), stroke: colour(h), "stroke-width": "3", "stroke-opacity": String(Math.min(1, w)),
-          "data-head": String(h), "data-from": String(j) }));
+          "data-head": String(h), "data-from": String(j), class: "att" }));
       }
     }
     toks.forEach((t, i) => {
@@ -322,7 +338,14 @@
     state.query = example().graph ? example().graph.center : 0; full();
   });
   $("kind").addEventListener("change", (e) => { state.kind = Number(e.target.value); state.layer = 0; resetHeads(); full(); });
-  $("layer").addEventListener("change", (e) => { state.layer = Number(e.target.value); full(); });
+  $("layer").addEventListener("change", (e) => {
+    state.layer = Number(e.target.value);
+    const H = layer().heads.length; // layers of one kind may differ in heads (a GAT's output layer)
+    state.active = state.active.filter((h) => h < H);
+    if (!state.active.length) resetHeads();
+    state.head = Math.min(state.head, H - 1);
+    full();
+  });
   $("mx-head").addEventListener("change", (e) => { state.head = Number(e.target.value); render(); });
   $("heads").addEventListener("click", (e) => {
     const b = e.target.closest("button");
