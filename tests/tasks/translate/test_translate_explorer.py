@@ -111,3 +111,9 @@ def test_predict_page_in_a_browser(browser, demo, tmp_path):
     browser.find("#tab-matrix").click()
     browser.screenshot("translate_predict_matrix")
     assert browser.errors() == []
+
+
+def test_eval_writes_the_explorer_too(demo, tmp_path, capsys):
+    assert main(["translate", "eval", "--run", str(demo), "--out", str(tmp_path)]) == 0
+    assert str(tmp_path / "attention.html") in capsys.readouterr().out
+    assert page_data(tmp_path / "attention.html")["examples"] == page_data(demo / "attention.html")["examples"]
