@@ -126,4 +126,8 @@ def test_graph_page_in_a_browser(browser, tmp_path):
     browser.hover(circles[3])
     assert f"“{nodes[3]}” (3)" in browser.find("#gv-readout").text
     browser.screenshot("graph_view")
+    browser.select("#layer", 1)  # the output layer: one head
+    assert len(browser.find_all("#heads button")) == 1 and browser.find_all("#gv-svg line.att")
+    browser.find("#tab-model").click()
+    assert len(browser.find_all("#mv figure")) == 3 + 1
     assert browser.errors() == []

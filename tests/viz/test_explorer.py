@@ -165,3 +165,11 @@ def test_mistakes_are_clear_errors(gen):
         explore(list("abc"), w[None], batch_index=2)
     with pytest.raises(ValueError, match="no example"):
         Explorer().html()
+    with pytest.raises(ValueError, match="weights must be finite"):
+        explore(list("abc"), torch.full((3, 3), float("nan")))
+
+
+def test_the_page_needs_no_network(gen):
+    text = explore(["a", "b"], softmax_weights(gen, 2, 2)).html()
+    assert re.findall(r"https?://[^\s\"']+", text) == ["http://www.w3.org/2000/svg"] * 3  # SVG namespaces only
+    assert " src=" not in text and " href=" not in text and "@import" not in text

@@ -92,10 +92,17 @@ def compact(w: Tensor, *, top_k: int | None, threshold: float, decimals: int) ->
     """Keep, per query row of each head of ``w (H, T, S)``, the ``top_k`` largest weights >= ``threshold``.
 
     ``top_k=None`` keeps every weight >= ``threshold``. A sparse ``w`` is ranked from its stored entries (no
-    ``(T, S)`` tensor is made).
+    ``(T, S)`` tensor is made). Weights are expected in [0, 1]: negative ones are never kept.
+
+    Shape:
+        - w: ``(H, T, S)``, dense or sparse COO; returns per head CSR rows of ``N_h`` kept entries
     """
     H, T, S = w.shape
     scale = 10.0 ** decimals
+    values = w.coalesce().values() if w.layout == torch.sparse_coo else w
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("weights must be finite; got NaN or infinite values (a fully masked row should hold zeros, "
+                         "see attnkit.functional.softmax)")
     if w.layout == torch.sparse_coo:
         w = w.coalesce()
         idx, val = w.indices(), w.values().float()  # (3, N), (N,)

@@ -217,7 +217,7 @@
 
   // ---- model view ----
   function renderModel() {
-    const grid = $("mv"), K = kind(), H = K.layers[0].heads.length;
+    const grid = $("mv"), K = kind(), H = Math.max(...K.layers.map((L) => L.heads.length));
     clear(grid);
     grid.style.gridTemplateColumns = "repeat(" + H + ", max-content)";
     const saved = state.layer, size = 96;
@@ -233,6 +233,7 @@
         fig.appendChild(el("figcaption", {}, "layer " + l + " · head " + h));
         grid.appendChild(fig);
       }
+      for (let h = L.heads.length; h < H; h++) grid.appendChild(el("div", {})); // a layer with fewer heads
     });
     state.layer = saved;
   }
