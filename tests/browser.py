@@ -4,7 +4,8 @@ Selenium Manager never downloads anything).
 
 Tests that ask for ``browser`` are skipped, with the reason, when selenium, ``/usr/bin/chromium`` or
 ``/usr/bin/chromedriver`` is missing (``make test`` installs them when it runs as root on Debian/Ubuntu).
-Screenshots are kept under ``$ATTNKIT_ARTIFACTS`` (default ``runs/test-artifacts`` in the repository).
+With ``ATTNKIT_REQUIRE_BROWSER=1`` they fail instead of skipping. Screenshots are kept under
+``$ATTNKIT_ARTIFACTS`` (default ``runs/test-artifacts`` in the repository).
 """
 
 from __future__ import annotations
@@ -83,11 +84,17 @@ def _missing() -> str | None:
     return None
 
 
+def _skip(reason: str) -> None:
+    if os.environ.get("ATTNKIT_REQUIRE_BROWSER") == "1":  # a CI that must run them fails instead
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def browser():
     reason = _missing()
     if reason:
-        pytest.skip(f"no headless browser: {reason}")
+        _skip(f"no headless browser: {reason}")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -100,7 +107,7 @@ def browser():
     try:
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     except Exception as exc:  # a browser that is installed but cannot start (no shared libraries, ...)
-        pytest.skip(f"headless chromium did not start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        _skip(f"headless chromium did not start: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     driver.set_page_load_timeout(60)
     try:
         yield Page(driver)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 
 from attnkit.cli import main
@@ -60,10 +61,32 @@ def test_vision_page_holds_every_layer_and_head_and_the_image(tmp_path):
     assert torch.allclose(row, torch.where(weights[1][0, 1, 0] >= 1e-3, weights[1][0, 1, 0], 0.0), atol=0.51e-4)
 
 
-def test_vision_command_writes_the_explorer(tmp_path, capsys):
-    assert main(["vision", "--quick", "--models", "vit,cnn", "--out", str(tmp_path)]) == 0
-    assert f"{tmp_path / 'attention.html'}" in capsys.readouterr().out
-    assert len(page_data(tmp_path / "attention.html")["examples"]) == 4
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vision_explorer")
+    assert main(["vision", "--quick", "--models", "vit,cnn", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("graph_explorer")
+    assert main(["graph", "--out", str(out), "--epochs", "5", "--no-progress", "--threads", "1"]) == 0
+    return out
+
+
+def test_vision_command_writes_the_explorer(vision_run):
+    assert len(page_data(vision_run / "attention.html")["examples"]) == 4
+
+
+def test_recipe_pages_in_a_browser(browser, vision_run, graph_run):
+    browser.open(vision_run / "attention.html")
+    assert [o.text.split(":")[0] for o in browser.find_all("#example option")] == [f"test digit {i}" for i in range(4)]
+    browser.select("#example", 3)
+    assert len(browser.find_all("#iv canvas")) == 4  # --quick: 4 heads
+    browser.open(graph_run / "attention.html")
+    assert browser.find("#view-graph").is_displayed() and browser.find_all("#gv-svg line.att")
+    assert browser.errors() == []
 
 
 def test_graph_neighbourhood_and_its_weights(tmp_path):
@@ -81,10 +104,13 @@ def test_graph_neighbourhood_and_its_weights(tmp_path):
     assert all(abs(got[j] - want[j]) <= 0.51e-4 for j in got)
 
 
-def test_graph_command_writes_the_explorer(tmp_path, capsys):
-    assert main(["graph", "--out", str(tmp_path), "--epochs", "5", "--no-progress", "--threads", "1"]) == 0
-    assert f"{tmp_path / 'attention.html'}" in capsys.readouterr().out
-    assert page_data(tmp_path / "attention.html")["examples"][0]["graph"]
+def test_graph_command_writes_the_explorer(graph_run):
+    assert page_data(graph_run / "attention.html")["examples"][0]["graph"]
+
+
+def test_the_commands_print_where_the_explorer_is(tmp_path, capsys):
+    assert main(["graph", "--out", str(tmp_path), "--epochs", "2", "--no-progress", "--threads", "1"]) == 0
+    assert f"attention explorer (open in a browser): {tmp_path / 'attention.html'}" in capsys.readouterr().out
 
 
 def test_vision_page_in_a_browser(browser, tmp_path):
