@@ -106,9 +106,14 @@ class Explorer:
                     raise ValueError(f"every layer of weights[{kind_name!r}] must have the shape (T, S) of layer 0 "
                                      f"{shape}; layer {i} is {tuple(layer.shape[1:])}")
             kinds_in.append((kind_name, _sides(kind_name, shape, src, tgt), layers))
+        extra = {}  # checked before the (slower) thinning
+        if image is not None:
+            extra["image"] = _image(image, patch_grid, patch_offset, len(src))
+        if positions is not None:
+            extra["graph"] = _graph(positions, len(src), center)
         rows = sum(layer.shape[0] * layer.shape[1] for _, _, layers in kinds_in for layer in layers)
-        stored = sum(data.entries(layer) for _, _, layers in kinds_in for layer in layers)
-        top_k = self.top_k if self.top_k is not None else data.auto_top_k(rows, stored, self.max_entries)
+        given = sum(data.entries(layer) for _, _, layers in kinds_in for layer in layers)
+        top_k = self.top_k if self.top_k is not None else data.auto_top_k(rows, given, self.max_entries)
         kinds, kept, stored, mass = [], 0, 0, []
         for kind_name, (row_side, col_side), layers in kinds_in:
             out = []
@@ -123,11 +128,8 @@ class Explorer:
             "tokens": {"source": src, "target": tgt}, "kinds": kinds,
             "thinning": {"top_k": top_k, "threshold": self.threshold, "kept": kept, "stored": stored,
                          "mass_kept": min(mass) if mass else 1.0},
+            **extra,
         }
-        if image is not None:
-            example["image"] = _image(image, patch_grid, patch_offset, len(src))
-        if positions is not None:
-            example["graph"] = _graph(positions, len(src), center)
         self.examples.append(example)
         return self
 

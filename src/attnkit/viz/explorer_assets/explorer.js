@@ -115,8 +115,8 @@
     const rows = rowTokens(), cols = colTokens(), L = layer();
     const left = $("hv-rows"), right = $("hv-cols"), svg = $("hv-svg");
     clear(left); clear(right); clear(svg);
-    rows.forEach((t, i) => left.appendChild(el("span", { class: "tok q", "data-i": String(i) }, t)));
-    cols.forEach((t, j) => right.appendChild(el("span", { class: "tok k", "data-j": String(j) }, t)));
+    rows.forEach((t, i) => left.appendChild(el("span", { class: "tok q", "data-i": String(i), tabindex: "0" }, t)));
+    cols.forEach((t, j) => right.appendChild(el("span", { class: "tok k", "data-j": String(j), tabindex: "0" }, t)));
     const height = ROW_H * Math.max(rows.length, cols.length);
     svg.setAttribute("height", String(height));
     svg.setAttribute("viewBox", "0 0 220 " + height);
@@ -361,10 +361,12 @@
     const b = e.target.closest("button");
     if (b) { state.view = b.dataset.view; render(); }
   });
-  $("hv").addEventListener("mouseover", (e) => {
+  const onToken = (e) => {
     const t = e.target.closest(".tok");
     if (t) headFocus(t.classList.contains("q") ? "q" : "k", Number(t.dataset.i ?? t.dataset.j));
-  });
+  };
+  $("hv").addEventListener("mouseover", onToken);
+  $("hv").addEventListener("focusin", onToken); // keyboard: Tab through the tokens
   $("hv").addEventListener("mouseleave", headUnfocus);
   $("mx-canvas").addEventListener("mousemove", matrixHover);
   $("mv").addEventListener("click", (e) => {
