@@ -283,6 +283,8 @@
       });
       fig.appendChild(c);
       fig.appendChild(el("figcaption", {}, "head " + h + " · query “" + rowTokens()[state.query] + "”"));
+      fig.appendChild(el("figcaption", { class: "scale" }, "full colour = " + fmt(top === 1e-9 ? 0 : top) +
+        " (its largest weight)"));
       box.appendChild(fig);
     }
   }
