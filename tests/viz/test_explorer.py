@@ -173,3 +173,16 @@ def test_the_page_needs_no_network(gen):
     text = explore(["a", "b"], softmax_weights(gen, 2, 2)).html()
     assert re.findall(r"https?://[^\s\"']+", text) == ["http://www.w3.org/2000/svg"] * 3  # SVG namespaces only
     assert " src=" not in text and " href=" not in text and "@import" not in text
+
+
+def test_what_attention_returns_goes_in_as_is(gen):
+    from attnkit import masks
+    from attnkit.functional import attention
+
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=gen) for _ in range(3))
+    _, w = attention(q, k, v, mask=masks.window(2, 0), return_weights=True)  # (B, H, L, S)
+    d = page_data(explore([f"t{i}" for i in range(9)], w, batch_index=1).html())
+    layer = d["examples"][0]["kinds"][0]["layers"][0]
+    assert torch.allclose(dense_of(layer), torch.where(w[1] >= 1e-3, w[1].double(), 0.0), atol=0.5e-4)
+    for hd in layer["heads"]:  # the window: query t reads keys t-2 .. t only
+        assert all(t - 2 <= c <= t for t in range(9) for c in hd["cols"][hd["ptr"][t]: hd["ptr"][t + 1]])
