@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test browser bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,20 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/attnkit translate train --out runs/demo
 
-test: $(STAMP)
+# headless Chromium for the explorer's browser tests (tests/browser.py); installed when missing and we are root with
+# apt-get. Never fails the build: without it those tests are skipped and say why.
+browser:
+	@if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and chromium-driver for the browser tests"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      >/dev/null) || echo "could not install chromium: the browser tests will be skipped"; \
+	  else \
+	    echo "no /usr/bin/chromium + /usr/bin/chromedriver (need root and apt-get): browser tests will be skipped"; \
+	  fi; \
+	fi
+
+test: $(STAMP) browser
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
 
 # the benchmark's optional anchors (PyTorch Geometric's GATConv, lucidrains' local-attention), small pure-Python

@@ -4,6 +4,7 @@
   tests/reference.py). There is deliberately no ``tests/__init__.py``.
 * Hypothesis profile ``attnkit`` (the default): few examples, no deadline, derandomized so CI runs are
   reproducible; ``HYPOTHESIS_PROFILE=thorough`` runs more examples with fresh randomness.
+* ``browser``: headless Chromium through Selenium (tests/browser.py), skipped with the reason when absent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from hypothesis import HealthCheck, settings
 _TESTS = str(Path(__file__).resolve().parent)
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+
+from browser import browser  # noqa: E402, F401  (the headless Chromium fixture, tests/browser.py)
 
 settings.register_profile(
     "attnkit", max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

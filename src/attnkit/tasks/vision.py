@@ -6,8 +6,9 @@ growing subsets of the same training split (``--sizes``, several ``--seeds``) an
 split: ``vit`` (full attention over patches), ``local`` (the same ViT with attention restricted to a
 ``k x k`` neighbourhood of patches, :func:`attnkit.nn.vit.neighbourhood_mask`) and ``cnn``.
 
-Run directory (``--out``): ``metrics.json`` (every run and the mean/std table), ``accuracy_vs_data.png`` and
-``local_mask.png``.
+Run directory (``--out``): ``metrics.json`` (every run and the mean/std table), ``accuracy_vs_data.png``,
+``local_mask.png`` and ``attention.html``: the attention explorer of the ViT trained on the most data (first
+seed) on a few test digits, every layer and head, patch attention drawn over the 8x8 image.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     seeds = list(range(args.seed, args.seed + args.seeds))
     jobs = [(n, s, m) for n in sizes for s in seeds for m in models]
-    runs, params = [], {}
+    runs, params, shown = [], {}, None  # shown: the ViT the explorer draws (most data, first seed)
     bar = tqdm(jobs, desc="vision")
     for n, seed, name in bar:
         torch.manual_seed(seed)
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
               shift=args.shift)
         acc = evaluate(model, x_test, y_test)
         runs.append({"model": name, "train_size": n, "seed": seed, "steps": steps, "test_accuracy": acc})
+        if name != "cnn" and seed == seeds[0] and (shown is None or n > shown[0]):
+            shown = (n, name, model)
         bar.set_postfix(model=name, n=n, acc=f"{acc:.3f}")
 
     sizes = sorted(set(sizes))
@@ -122,7 +125,29 @@ def run(args: argparse.Namespace) -> int:
     _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     _print_table(table, models, sizes, params)
     _plot(table, models, sizes, out, grid=8 // args.patch_size, k=args.k, patch_size=args.patch_size)
+    if shown is not None:
+        n, name, model = shown
+        path = write_attention_html(out / "attention.html", model, x_test[:4], y_test[:4], args.patch_size,
+                                    title=f"attnkit vision: {name} trained on {n} digits")
+        print(f"attention explorer (open in a browser): {path}")
     return 0
+
+
+@torch.no_grad()
+def write_attention_html(path: Path, model, images, labels, patch_size: int, *, title: str) -> Path:
+    """The explorer of ``model`` (a ViT) on ``images (B, 1, 8, 8)``: every layer and head of its patch attention,
+    the class token first, one example per image."""
+    from attnkit.viz.explorer import Explorer
+
+    model.eval()
+    logits, weights = model(images, need_weights=True)  # (B, 10), per layer (B, H, 1 + P, 1 + P)
+    grid = images.shape[-1] // patch_size
+    tokens = ["[class]"] + [f"patch r{r}c{c}" for r in range(grid) for c in range(grid)]
+    page = Explorer(title=title)
+    for b in range(images.shape[0]):
+        page.add(tokens, [w[b] for w in weights], image=images[b, 0], patch_grid=(grid, grid), patch_offset=1,
+                 name=f"test digit {b}: label {int(labels[b])}, predicted {int(logits[b].argmax())}")
+    return page.write(path)
 
 
 def train(model, x, y, *, steps: int, lr: float, batch_size: int, gen: torch.Generator, shift: int = 0) -> None:

@@ -79,6 +79,8 @@ def register(subparsers) -> None:
     r.add_argument("--run", default=DEFAULT_RUN)
     r.add_argument("--beam", type=int, default=1)
     r.add_argument("--allow-unknown", action="store_true", help="translate unknown words as <unk>")
+    r.add_argument("--html", default=None, metavar="FILE",
+                   help="also write an attention explorer of these sentences to FILE (.html)")
     r.set_defaults(func=cmd_predict)
 
 
@@ -204,6 +206,7 @@ def cmd_train(args) -> int:
     _print_metrics(metrics)
     print(f"metrics: {out / 'metrics.json'}   samples: {out / 'samples.txt'}")
     print(f"pictures ({len(pictures)} attention heatmaps): {out / 'heatmaps'}/")
+    print(f"attention explorer (open in a browser): {out / 'attention.html'}")
     return 0
 
 
@@ -225,6 +228,7 @@ def cmd_eval(args) -> int:
     pictures = write_report(out, model, metrics, samples, src_vocab, tgt_vocab)
     print(json.dumps(metrics))
     print(f"pictures ({len(pictures)} attention heatmaps): {out / 'heatmaps'}/")
+    print(f"attention explorer (open in a browser): {out / 'attention.html'}")
     return 0
 
 
@@ -237,6 +241,8 @@ def cmd_predict(args) -> int:
 
     if args.beam < 1:
         return _fail(f"--beam must be >= 1, got {args.beam}", 2)
+    if args.html is not None and (Path(args.html).suffix.lower() not in (".html", ".htm") or Path(args.html).is_dir()):
+        return _fail(f"--html must name an .html file to write, got {args.html!r}", 2)
     model, meta, src_vocab, tgt_vocab = load_trained(args.run)
     if args.sentences:
         lines = [(f"sentence {i}", s) for i, s in enumerate(args.sentences, 1)]
@@ -259,4 +265,11 @@ def cmd_predict(args) -> int:
     outputs = translate_tokens(model, tokens, src_vocab, tgt_vocab, beam=args.beam, max_len=cfg.max_len)
     for hyp, _w in outputs:
         print(detokenize(hyp))
+    if args.html is not None:
+        from attnkit.tasks.translate.explorer import write_attention_html
+
+        samples = [{"src": s, "hyp": h, "weights": w} for s, (h, w) in zip(tokens, outputs, strict=True)]
+        path = write_attention_html(args.html, model, samples, src_vocab, tgt_vocab,
+                                    title=f"attnkit translate predict ({Path(args.run)})")
+        print(f"attention explorer: {path}", file=sys.stderr)
     return 0

@@ -92,7 +92,9 @@ def evaluate(model, pairs: list[Pair], src_vocab: Vocab, tgt_vocab: Vocab, *, be
 
 def write_report(run_dir: str | Path, model, result: dict, samples: list[dict], src_vocab: Vocab,
                  tgt_vocab: Vocab, *, n_heatmaps: int = 4, n_samples: int = 50) -> list[Path]:
-    """Write ``metrics.json``, ``samples.txt`` and heatmaps under ``run_dir/heatmaps``; return the PNG paths."""
+    """Write ``metrics.json``, ``samples.txt``, heatmaps under ``run_dir/heatmaps`` and the explorer of the same
+    sentences, ``run_dir/attention.html``; return the PNG paths."""
+    from attnkit.tasks.translate.explorer import FILE, write_attention_html
     from attnkit.viz.heatmap import save_heatmap
 
     run_dir = Path(run_dir)
@@ -121,4 +123,6 @@ def write_report(run_dir: str | Path, model, result: dict, samples: list[dict], 
         for layer, w in enumerate(attn["layers"]):
             paths.append(save_heatmap(w[0], src_tokens, out_eos, f"{base}_layer{layer}.png",
                                       title=f"decoder layer {layer} cross-attention\n{title}"))
+    write_attention_html(run_dir / FILE, model, samples[:n_heatmaps], src_vocab, tgt_vocab,
+                         title=f"attnkit translate: {len(samples[:n_heatmaps])} held-out sentences")
     return paths

@@ -31,7 +31,8 @@ class TransformerSeq2Seq(Seq2Seq):
         - src ``(B, S)``, src_lens ``(B,)``, tgt_in ``(B, T)``
         - logits ``(B, T, tgt_vocab)``; attn["weights"] ``(B, T, S)`` (last layer, mean over heads),
           attn["layers"]: per decoder layer the cross-attention ``(B, H, T, S)``,
-          attn["self_layers"]: per layer the decoder self-attention ``(B, H, T, T)``
+          attn["self_layers"]: per layer the decoder self-attention ``(B, H, T, T)``,
+          attn["enc_layers"]: per layer the encoder self-attention ``(B, H, S, S)``
     """
 
     def __init__(self, src_vocab: int, tgt_vocab: int, embed_dim: int, hidden: int, num_layers: int,
@@ -50,11 +51,15 @@ class TransformerSeq2Seq(Seq2Seq):
         self.dec_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, tgt_vocab)
 
-    def _encode(self, src, src_lens):
+    def _encode(self, src, src_lens, weights: list | None = None):
         mask = masks.padding(src_lens)  # key j of sentence b is real iff j < src_lens[b]
         x = self.pos(self.src_embed(src) * math.sqrt(self.d))  # (B, S, d)
         for layer in self.enc_layers:
-            x = layer(x, mask=mask)
+            if weights is None:
+                x = layer(x, mask=mask)
+            else:  # the picture asks for each layer's self-attention
+                x, w = layer(x, mask=mask, need_weights=True)
+                weights.append(w)  # (B, H, S, S)
         return self.enc_norm(x), mask  # (B, S, d)
 
     def _decode(self, tgt_in, memory, memory_mask, need_weights=False, keep=None):
@@ -73,9 +78,10 @@ class TransformerSeq2Seq(Seq2Seq):
         return self.out(self.dec_norm(x)), cross, selfw  # (B, T, V) or (N, V)
 
     def forward(self, src, src_lens, tgt_in, *, need_weights: bool = True):
-        memory, mask = self._encode(src, src_lens)
+        enc = [] if need_weights else None
+        memory, mask = self._encode(src, src_lens, enc)
         logits, cross, selfw = self._decode(tgt_in, memory, mask, need_weights=need_weights)
-        attn = {"layers": cross, "self_layers": selfw}
+        attn = {"layers": cross, "self_layers": selfw, "enc_layers": enc or []}
         if need_weights:
             attn["weights"] = cross[-1].mean(1)  # (B, T, S)
         return logits, attn
