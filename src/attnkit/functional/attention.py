@@ -130,6 +130,8 @@ def attention(
     name = dispatch.choose(query, key, value, **request) if backend == "auto" else dispatch.validate(
         backend, query, key, value, **request)
     out, weights, lse = _nonfinite.poison(seen, *dispatch.run(name, query, key, value, **request))
+    if return_weights == "sparse" and not weights.is_sparse:  # a backend that materialized them anyway
+        weights = weights.to_sparse()
     if not (return_weights or return_lse):
         return out
     return (out,) + ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())

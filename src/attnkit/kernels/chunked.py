@@ -316,6 +316,4 @@ def run(query, key, value, *, score, mask, bias, scale, return_weights, return_l
     res = res if isinstance(res, tuple) else (res,)
     out, rest = res[0], list(res[1:])
     weights = rest.pop(0) if return_weights else None
-    if return_weights == "sparse":
-        weights = weights.to_sparse()
     return out, weights, (rest.pop(0) if return_lse else None)

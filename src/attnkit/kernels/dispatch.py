@@ -25,9 +25,8 @@ serve, ``chunked`` for other scores or biases from 512 x 512 pairs, else ``math`
 
 from __future__ import annotations
 
-import torch
-
 from attnkit.kernels import blocksparse, chunked, graph, math, sdpa, tiled, window
+from attnkit.masks._base import tracing
 
 BACKENDS = {"graph": graph, "window": window, "blocksparse": blocksparse, "tiled": tiled, "sdpa": sdpa,
             "chunked": chunked, "math": math}
@@ -35,8 +34,7 @@ AUTO_ORDER = ("graph", "window", "blocksparse", "tiled", "sdpa", "chunked", "mat
 TRACEABLE = ("sdpa", "math")
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+_tracing = tracing
 
 
 def choose(query, key, value, **request) -> str:

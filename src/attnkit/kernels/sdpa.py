@@ -18,6 +18,7 @@ from torch import Tensor
 from attnkit import scores as _scores
 from attnkit.kernels._contract import is_dot
 from attnkit.kernels.math import attention_weights, dense_mask, log_sum_exp, masked_scores
+from attnkit.masks._base import tracing
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -45,8 +46,7 @@ def suits(query, key, value, **_) -> bool:
 _CACHE_MAX = 1 << 26  # mask elements (64 MiB of bools) small enough to keep on the mask object between calls
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+_tracing = tracing
 
 
 def _sdpa_mask(mask, query, key) -> tuple[Tensor, Tensor | None]:

@@ -195,6 +195,11 @@ class Mask:
         return tuple(out)
 
 
+def tracing() -> bool:
+    """True under ``torch.compile`` / ``torch.export`` tracing (no data-dependent Python branch may run)."""
+    return torch.compiler.is_compiling() or bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from attnkit._checks import check_broadcast, check_int, check_tensor
-from attnkit.masks._base import EMPTY, FULL, PARTIAL, Mask, range_min_max, states_of
+from attnkit.masks._base import EMPTY, FULL, PARTIAL, Mask, range_min_max, states_of, tracing
 
 _INF = 2**62
 
@@ -144,7 +144,7 @@ class Padding(Mask):
     def __init__(self, lengths: Tensor | Sequence[int]):
         lengths = _lengths_tensor("lengths", lengths)
         check_tensor("lengths", lengths, ndim=(1, 2), hint="Expected (B,) per sequence or (B, L) per query.")
-        if lengths.numel() and int(lengths.min()) < 0:
+        if lengths.numel() and not tracing() and int(lengths.min()) < 0:
             raise ValueError(f"lengths must be >= 0; got min {int(lengths.min())}.")
         self.lengths = lengths
 
