@@ -8,9 +8,10 @@ number of tiles form a group and are computed together, one step of a few blocks
     S' = -inf where a partial tile forbids   (full tiles are not masked, empty tiles are never computed)
     lse = log sum_j exp S'  ;  O = exp(S' - lse) V_t
 
-Each step runs under ``torch.utils.checkpoint``: autograd keeps only its gathered inputs, and the backward
-recomputes the tile's scores, ``score_mod`` included, so tensors the ``score_mod`` captures (a learnable ALiBi
-slope, a relative-bias table) get their gradients and nothing of size ``L x S`` is kept. Accumulation is in
+Forward and backward are written by hand (:mod:`attnkit.kernels.tiled_backward`): the backward recomputes each
+tile's scores, ``score_mod`` included, from the saved log-sum-exp, so tensors the ``score_mod`` captures (a
+learnable ALiBi slope, a relative-bias table) get their gradients and nothing of size ``L x S`` is kept. When
+weights are asked for, each step instead runs under ``torch.utils.checkpoint`` (autograd through the weights). Accumulation is in
 float32 for half inputs (float64 stays float64). A row with no allowed key: zero output, ``lse = -inf``, zero
 gradients.
 
@@ -34,7 +35,8 @@ from attnkit.masks import BlockMask, Group
 
 __all__ = ["tiled_attention"]
 
-_BUDGET = 1 << 20  # score elements per step (batch rows x blocks x Bq x Kw)
+_BUDGET = 1 << 20  # score elements per step (batch rows x blocks x Bq x Kw) of the autograd path (weights)
+_FAST_BUDGET = 1 << 18  # ... of the hand-written path: a step's scores (1 MiB in float32) stay in the L2 cache
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -143,6 +145,16 @@ def tiled_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask, 
     if nbq * Bq != L:
         q = torch.cat([q, q.new_zeros(N, nbq * Bq - L, D)], 1)
     qb = q.reshape(N * nbq, Bq, D)  # whole query blocks as rows
+    if not return_weights:  # the hand-written forward/backward: nothing kept but q, k, v, out, lse
+        from attnkit.kernels.tiled_backward import TiledAttention, _Steps, captured_tensors
+
+        captured = captured_tensors(score_mod, acc, dev) if score_mod is not None else []
+        steps = _Steps(plan, N, L, batch, _FAST_BUDGET, lambda grp, a, b, n0, n1: _keep(grp, a, b, n0, n1, batch,
+                                                                                        Bq, dev), dev)
+        out, lse_all = TiledAttention.apply(q, k, v, steps, float(scale), score_mod, *captured)
+        out = out.view(N, nbq * Bq, Dv)[:, :L].reshape(*batch, L, Dv).to(query.dtype)
+        lse_out = lse_all.view(N, nbq * Bq)[:, :L].reshape(*batch, L) if return_lse else None
+        return out, None, lse_out
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     rows_all, outs, lses, weights = [], [], [], []
     for grp in plan.groups:

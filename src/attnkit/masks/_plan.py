@@ -16,6 +16,7 @@ group, P partial tiles, ``*mb`` the mask's batch dims.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +155,13 @@ class BlockMask(Mask):
             self.mask.check(scores_shape)
 
     def window(self):
-        return self.mask.window() if self.mask is not None else None
+        """``(left, right)`` when the planned mask is exactly a bottom-right band, found from the plan itself
+        (a sliding window written as a ``mask_mod`` is then served by the window kernel), else None."""
+        if self.mask is not None and self.mask.window() is not None:
+            return self.mask.window()
+        if self.states is None or not self.groups:
+            return None
+        return self.remember(("band",), lambda: _band_of(self))
 
     def edges(self, N):
         return self.mask.edges(N) if self.mask is not None else None
@@ -166,6 +173,58 @@ class BlockMask(Mask):
     @property
     def is_causal(self) -> bool:
         return self.mask is not None and self.mask.is_causal
+
+
+def _band_of(plan: BlockMask) -> tuple[int, int] | None:
+    """``(left, right)`` if every query row ``i`` allows exactly the keys ``max(0, i' - left) .. min(S - 1, i' +
+    right)`` (``i' = i + S - L``) and the mask is the same for every batch element and head; else None. Reads
+    the plan's tiles (full tiles and the partial tiles' boolean masks), O(tiles x block)."""
+    L, S, blk = plan.L, plan.S, plan.block
+    dev = plan.states.device
+    nrows = -(-L // blk) * blk
+    first = torch.full((nrows,), S, dtype=torch.long, device=dev)
+    last = torch.full((nrows,), -1, dtype=torch.long, device=dev)
+    count = torch.zeros(nrows, dtype=torch.long, device=dev)
+    cols = torch.arange(blk, device=dev)
+    for grp in plan.groups:
+        if grp.ktiles is None:
+            return None
+        G, c = grp.ktiles.shape
+        partial = torch.zeros(G, c, dtype=torch.bool, device=dev)
+        if grp.part_g is not None and grp.part_g.numel():
+            if math.prod(grp.forbid.shape[1:-2]) != 1:
+                return None  # differs between batch elements or heads
+            partial[grp.part_g, grp.part_t] = True
+            ok = ~grp.forbid.reshape(-1, blk, blk)  # (P, Bq, Bk)
+            has = ok.any(-1)  # (P, Bq)
+            f = ok.to(torch.int8).argmax(-1)
+            z = blk - 1 - ok.flip(-1).to(torch.int8).argmax(-1)
+            k0 = (grp.ktiles[grp.part_g, grp.part_t] * blk).unsqueeze(-1)  # (P, 1)
+            rows = (grp.qblocks[grp.part_g].unsqueeze(-1) * blk + cols).flatten()  # (P * Bq,)
+            big = torch.full_like(f, S)
+            first.scatter_reduce_(0, rows, torch.where(has, k0 + f, big).flatten(), "amin")
+            last.scatter_reduce_(0, rows, torch.where(has, k0 + z, -1).flatten(), "amax")
+            count.index_add_(0, rows, ok.sum(-1).flatten())
+        fg, ft = torch.nonzero(~partial, as_tuple=True)
+        if fg.numel():
+            k0 = (grp.ktiles[fg, ft] * blk).unsqueeze(-1)  # (F, 1): full tiles hold no padding
+            rows = (grp.qblocks[fg].unsqueeze(-1) * blk + cols).flatten()
+            first.scatter_reduce_(0, rows, k0.expand(-1, blk).flatten(), "amin")
+            last.scatter_reduce_(0, rows, (k0 + blk - 1).expand(-1, blk).flatten(), "amax")
+            count.index_add_(0, rows, torch.full_like(rows, blk))
+    first, last, count = first[:L], last[:L], count[:L]
+    live = count > 0
+    if not bool(live.any()) or bool((count[live] != last[live] - first[live] + 1).any()):
+        return None  # empty, or some row's keys are not one contiguous run
+    diag = torch.arange(L, device=dev) + (S - L)
+    left, right = int((diag - first)[live].max()), int((last - diag)[live].max())
+    if left < 0 or right < 0:
+        return None
+    lo, hi = (diag - left).clamp(min=0), (diag + right).clamp(max=S - 1)
+    want = lo <= hi
+    if not torch.equal(want, live) or not torch.equal(first[live], lo[live]) or not torch.equal(last[live], hi[live]):
+        return None
+    return left, right
 
 
 def allowed_on(mask: Mask | None, qi: Tensor, kj: Tensor, L: int, S: int, batch_ndim: int) -> Tensor:
