@@ -12,8 +12,8 @@ Forward and backward are written by hand (:mod:`attnkit.kernels.tiled_backward`)
 tile's scores, ``score_mod`` included, from the saved log-sum-exp, so tensors the ``score_mod`` captures (a
 learnable ALiBi slope, a relative-bias table) get their gradients and nothing of size ``L x S`` is kept. When
 weights are asked for, each step instead runs under ``torch.utils.checkpoint`` (autograd through the weights).
-Accumulation is in float32 for half inputs (float64 stays float64). A row with no allowed key: zero output, ``lse = -inf``, zero
-gradients.
+Accumulation is in float32 for half inputs (float64 stays float64). A row with no allowed key: zero output,
+``lse = -inf``, zero gradients.
 
 Weights on request: dense ``(*b, L, S)`` or ``"sparse"``, a coalesced ``torch.sparse_coo_tensor`` holding only
 the computed pairs (pictures of long sequences without an ``L x S`` tensor).
