@@ -9,7 +9,7 @@ from attnkit.cli import main
 
 
 def test_quick_bench_writes_json_table_and_plot(tmp_path, capsys):
-    rc = main(["bench", "--quick", "--only", r"window32-L1024-fwd\+bwd$", "--repeats", "1", "--out", str(tmp_path)])
+    rc = main(["bench", "--quick", "--only", r"^window32-L1024-fwd\+bwd$", "--repeats", "1", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     ids = [c["id"] for c in data["cases"]]

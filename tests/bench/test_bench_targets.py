@@ -32,6 +32,12 @@ def _all_pass():
         _case("linear", "lin", attnkit=0.2, sdpa=1.0),
         _case("linear_step", "step", L=16384, attnkit=1.2, step_at_1=1.0,
               check={"recurrent_vs_parallel_max_abs": 3e-7, "tokens": 256}),
+        _case("flex_window_fwd", "fw", L=16384, attnkit=0.24, window=0.2),
+        _case("flex_window_fwdbwd", "fwb", L=16384, mode="fwd+bwd", attnkit=0.6, window=0.5),
+        _case("flex_docs_fwdbwd", "fd", L=16384, mode="fwd+bwd", attnkit=0.5, sdpa=5.1),
+        _case("flex_alibi_fwdbwd", "fa", L=8192, mode="fwd+bwd", attnkit=3.9, causal=2.0),
+        _case("flex_cbm_Lmain", "cbm", L=16384, attnkit=0.9, torch=1.0),
+        _case("flex_cbm_Llong", "cbml", L=65536, attnkit=(1.0, 400)),
     ]
 
 
@@ -63,6 +69,12 @@ def test_one_verdict_per_done_when_line_all_pass():
     ("graph", "sdpa", 0.09, "dense masked"),
     ("linear", "sdpa", 0.9, "causal SDPA"),
     ("linear_step", "attnkit", 1.3, "does not grow"),
+    ("flex_window_fwd", "attnkit", 0.26, "mask_mod, L=16384 fwd:"),
+    ("flex_window_fwdbwd", "attnkit", 0.63, "mask_mod, L=16384 fwd+bwd"),
+    ("flex_docs_fwdbwd", "sdpa", 4.9, "packed causal documents"),
+    ("flex_alibi_fwdbwd", "attnkit", 4.1, "ALiBi"),
+    ("flex_cbm_Lmain", "attnkit", 1.01, "L=16384: under 1 s"),
+    ("flex_cbm_Llong", "attnkit", (1.0, 410), "no L x S"),
 ])
 def test_each_threshold_flips_to_miss(role, impl, value, words):
     results = copy.deepcopy(_all_pass())
@@ -77,7 +89,7 @@ def test_each_threshold_flips_to_miss(role, impl, value, words):
 
 def test_recurrent_disagreement_is_a_miss():
     results = _all_pass()
-    results[-1]["check"]["recurrent_vs_parallel_max_abs"] = 2e-5
+    next(c for c in results if c["role"] == "linear_step")["check"]["recurrent_vs_parallel_max_abs"] = 2e-5
     assert _verdicts(results)["linear: recurrent form matches the parallel form to 1e-5"] == "MISS"
 
 
@@ -91,7 +103,7 @@ def test_missing_anchor_or_case_is_skip_with_the_reason():
     assert flex["verdict"] == "SKIP" and "does not compile here" in flex["measured"]
     graph = [v for k, v in out.items() if k.startswith("graph")]
     assert [v["verdict"] for v in graph] == ["SKIP", "SKIP"] and "not run" in graph[0]["measured"]
-    assert targets.format_summary(list(out.values())).endswith("11 PASS, 0 MISS, 3 SKIP")
+    assert targets.format_summary(list(out.values())).endswith("17 PASS, 0 MISS, 3 SKIP")
 
 
 def test_additive_memory_needs_a_measured_broadcast():

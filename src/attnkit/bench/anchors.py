@@ -53,7 +53,7 @@ def _runner(fn: Callable, inputs: list[torch.Tensor], mode: str) -> Callable[[],
     return run_bwd
 
 
-def flex_factory(case_id: str, B: int, H: int, L: int, D: int, mask_mod: Callable):
+def flex_factory(case_id: str, B: int, H: int, L: int, D: int, mask_mod: Callable, score_mod: Callable | None = None):
     """FlexAttention compiled with ``torch.compile`` (forward only); the compile time goes to COMPILE_TIMES."""
     def make():
         try:
@@ -66,12 +66,13 @@ def flex_factory(case_id: str, B: int, H: int, L: int, D: int, mask_mod: Callabl
             block_mask = create_block_mask(mask_mod, None, None, L, L, device="cpu")
             compiled = torch.compile(flex_attention, dynamic=False)
             with torch.no_grad():
-                compiled(q, k, v, block_mask=block_mask)
+                compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
         except Exception as exc:  # no compiler, unsupported CPU, ...: say why in the table
             first = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else ""
             raise AnchorUnavailable(f"FlexAttention does not compile here: {type(exc).__name__}: {first}") from exc
         COMPILE_TIMES[case_id] = time.perf_counter() - t0
-        return _runner(lambda a, b, c: compiled(a, b, c, block_mask=block_mask), [q, k, v], "fwd")
+        return _runner(lambda a, b, c: compiled(a, b, c, score_mod=score_mod, block_mask=block_mask), [q, k, v],
+                       "fwd")
     return make
 
 

@@ -53,19 +53,19 @@ class Case:
 def _pairs(mask: masks.Mask | None, L: int, S: int) -> int:
     if mask is None:
         return L * S
-    if isinstance(mask, masks.Window):
+    if mask.window() is not None:
+        left, right = mask.window()
         i = torch.arange(L) + (S - L)
-        lo = (i - mask.left).clamp(min=0) if mask.left is not None else torch.zeros_like(i)
-        hi = (i + mask.right).clamp(max=S - 1) if mask.right is not None else torch.full_like(i, S - 1)
+        lo, hi = (i - left).clamp(min=0), (i + right).clamp(max=S - 1)
         return int((hi - lo + 1).clamp(min=0).sum())
-    if isinstance(mask, masks.Graph):
-        return int(torch.unique(mask.edge_index, dim=1).shape[1])
+    if L == S and mask.edges(L) is not None:
+        return int(torch.unique(mask.edges(L), dim=1).shape[1])
     return int(mask.materialize(L, S).sum())
 
 
 def _auto(q, k, v, **kw) -> str:
-    req = dict(score=scores.scaled_dot, mask=None, bias=None, normalize="softmax", dropout_p=0.0,
-               return_weights=False)
+    req = dict(score=scores.scaled_dot, score_mod=None, mask=None, bias=None, normalize="softmax", scale=None,
+               dropout_p=0.0, return_weights=False, return_lse=False)
     req.update(kw)
     if req["mask"] is not None:
         req["mask"] = masks.as_mask(req["mask"])
@@ -184,6 +184,9 @@ def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
     cases.append(_additive_case(quick))
     cases.append(_graph_case(quick))
     cases.extend(_linear_cases(quick, B, H, D))
+    from attnkit.bench.cases_flex import flex_cases
+
+    cases.extend(flex_cases(quick, with_flex=flex))
     return cases
 
 

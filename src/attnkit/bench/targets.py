@@ -175,6 +175,34 @@ def _step_flat(by_role):
     return r <= 1.25, f"step cost at position {case['L']} / at position 1 = {r:.2f} ({how}; needs <= 1.25)"
 
 
+def _slower_at_most(role: str, anchor: str, most: float) -> Callable[[dict], tuple[bool, str]]:
+    """attnkit's time at most ``most`` times ``anchor``'s."""
+    def judge(by_role):
+        case = _case(by_role, role)
+        r, how = _ratio(case, "attnkit", anchor)
+        return r <= most, f"attnkit / {anchor} time = {r:.2f} ({how}; needs <= {most:g}; {case['id']})"
+    return judge
+
+
+def _cbm_time(by_role):
+    case = _case(by_role, "flex_cbm_Lmain")
+    t = _time(case, "attnkit")
+    extra = ""
+    try:
+        extra = f"; torch's create_block_mask {_time(case, 'torch'):.2f} s"
+    except _Skip:
+        pass
+    return t < 1.0, f"{t:.3f} s (needs < 1 s; {case['id']}{extra})"
+
+
+def _cbm_memory(by_role):
+    case = _case(by_role, "flex_cbm_Llong")
+    mem = _memory(case, "attnkit")
+    L = case["L"]
+    return mem < L * L / 10, (f"peak {mem / 2**20:.0f} MB against {L * L / 2**30:.1f} GiB for one bool per pair "
+                              f"({_time(case, 'attnkit'):.2f} s; {case['id']})")
+
+
 #: (issue 5's words, judge) in the issue's order; a judge returns (ok, what was measured) or raises _Skip
 TARGETS: list[tuple[str, Callable[[dict], tuple[bool, str]] | None]] = [
     ("dense and causal: attnkit time <= 1.05 x SDPA's", _dense_causal),
@@ -192,7 +220,18 @@ TARGETS: list[tuple[str, Callable[[dict], tuple[bool, str]] | None]] = [
     ("linear causal L=16384: >= 5 x faster than causal SDPA", _faster("linear", "sdpa", 5)),
     ("linear: recurrent form matches the parallel form to 1e-5", _recurrent_matches),
     ("linear: recurrent per-token cost does not grow with position", _step_flat),
-    ("every kernel vs float64 reference, gradcheck, zero rows (tests in CI)", None),
+    # issue 11: programmable attention
+    ("[11] sliding window as a mask_mod, L=16384 fwd: <= 1.25 x masks.window's time",
+     lambda r: _slower_at_most("flex_window_fwd", "window", 1.25)(r)),
+    ("[11] sliding window as a mask_mod, L=16384 fwd+bwd: <= 1.25 x masks.window's time",
+     lambda r: _slower_at_most("flex_window_fwdbwd", "window", 1.25)(r)),
+    ("[11] 16 packed causal documents, L=16384 fwd+bwd: >= 10 x faster than SDPA with the dense mask",
+     _faster("flex_docs_fwdbwd", "sdpa", 10)),
+    ("[11] ALiBi score_mod, causal, L=8192 fwd+bwd: <= 2 x attnkit's plain causal time",
+     lambda r: _slower_at_most("flex_alibi_fwdbwd", "causal", 2.0)(r)),
+    ("[11] create_block_mask of a sliding window, L=16384: under 1 s", _cbm_time),
+    ("[11] create_block_mask of a sliding window, L=65536: no L x S allocation (peak << 4.3 GB)", _cbm_memory),
+    ("every kernel vs float64 reference, gradcheck, zero rows, non-finite rule (tests in CI)", None),
 ]
 
 
@@ -216,7 +255,7 @@ def evaluate(results: list[dict]) -> list[dict]:
 def format_summary(verdicts: list[dict], *, quick: bool = False) -> str:
     """The PASS/MISS block printed under the table: one line per target, then the counts."""
     width = max(len(v["target"]) for v in verdicts)
-    head = "Done when (issue 5)" + (" -- judged at --quick sizes, NOT the issue's settings" if quick else "")
+    head = "Done when (issue 5; [11] = issue 11)" + (" -- judged at --quick sizes, NOT the issue's settings" if quick else "")
     lines = [head]
     for v in verdicts:
         lines.append(f"{v['verdict']:<4}  {v['target']:<{width}}  {v['measured']}")
