@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "src" / "attnkit"
 
 # rank of each top-level part of the package: a module may import its own rank or lower
-RANK = {"_checks": 0, "_io": 0, "_progress": 0, "kernels": 1, "functional": 2, "masks": 2, "nn": 3, "tasks": 4,
+RANK = {"_argtypes": 0, "_checks": 0, "_io": 0, "_progress": 0, "kernels": 1, "functional": 2, "masks": 2, "nn": 3,
+        "tasks": 4,
         "bench": 4, "viz": 4, "cli": 5, "__main__": 6}
 
 # the shared vocabulary a kernel has to recognise: the mask types and the score / normalizer callables it

@@ -117,6 +117,15 @@ def embedded_pairs(lang: str = "fr") -> list[Pair]:
     return pairs
 
 
+def text_lines(text: str) -> list[str]:
+    """Split on line feeds only (and drop a carriage return before one): ``str.splitlines`` would also cut
+    at a form feed, a vertical tab or U+2028 inside a sentence."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def load_pairs(path: str | Path, *, lowercase: bool = True, max_pairs: int | None = None) -> list[Pair]:
     """Read ``source<TAB>target[<TAB>attribution]`` lines (Tatoeba / manythings.org format).
 
@@ -141,7 +150,7 @@ def load_pairs(path: str | Path, *, lowercase: bool = True, max_pairs: int | Non
         raise TranslateError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); "
                              "expected UTF-8 source<TAB>target lines") from None
     pairs: list[Pair] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         cols = line.split("\t")

@@ -13,69 +13,21 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from attnkit.tasks.translate import checkpoint as ckpt
+from attnkit.tasks.translate.config import EMBEDDED, SCHEDULES, TrainConfig
 from attnkit.tasks.translate.data import Pair, embedded_pairs, load_pairs, split_pairs
 from attnkit.tasks.translate.errors import TranslateError
 from attnkit.tasks.translate.models import build_model
-from attnkit.tasks.translate.models.base import token_loss
-from attnkit.tasks.translate.vocab import Vocab
+from attnkit.tasks.translate.models.base import check_model_memory, token_loss
+from attnkit.tasks.translate.vocab import SPECIALS, Vocab
 
 log = logging.getLogger(__name__)
-EMBEDDED = "embedded"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (saved in the checkpoint JSON)."""
-
-    data: str = EMBEDDED  # "embedded" or a path to a source<TAB>target file
-    lang: str = "fr"  # target language of the embedded task: fr | de
-    max_pairs: int | None = None  # keep the first N pairs of a data file
-    model: str = "bahdanau"  # bahdanau | luong | transformer
-    score: str = "general"  # luong only: dot | general
-    bidirectional: bool = False  # GRU models: read the source in both directions (Bahdanau et al.)
-    embed_dim: int = 32
-    hidden: int = 64
-    num_layers: int = 1
-    dropout: float = 0.1
-    num_heads: int = 4
-    ff_dim: int = 256
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 5e-3  # peak learning rate
-    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many optimizer steps
-    schedule: str = "constant"  # after warm-up: "constant" or "linear" (decay to 0 at the end of the last epoch)
-    clip: float = 1.0
-    label_smoothing: float = 0.0
-    seed: int = 0
-    split_seed: int = 0
-    valid_frac: float = 0.05
-    test_frac: float = 0.1
-    min_freq: int = 1
-    max_len: int = 40
-    max_minutes: float | None = None  # stop (and save) after this much training time
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; expected some of {sorted(names)}")
-        cfg = cls(**d)
-        if cfg.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-        if cfg.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
-        return cfg
-
-
-SCHEDULES = ("constant", "linear")
+__all__ = ["EMBEDDED", "SCHEDULES", "TrainConfig", "train", "load_splits"]  # the config moved to config.py
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -199,7 +151,29 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     ``status`` is ``"done"``, ``"interrupted"`` (Ctrl-C) or ``"time limit"``; in every case the checkpoint in
     ``run_dir`` holds the last finished step. ``on_step(global_step)`` is called after every optimizer step.
     """
-    run_dir = Path(run_dir)
+    from attnkit.tasks.translate.runlock import run_lock
+
+    with run_lock(run_dir):  # one trainer per run directory, until this one ends (kill -9 included)
+        return _train(cfg, Path(run_dir), resume=resume, progress=progress, on_step=on_step)
+
+
+def _check_data(cfg: TrainConfig, splits: dict[str, list[Pair]], src_vocab: Vocab, tgt_vocab: Vocab) -> None:
+    """Refuse, before training, data that leaves no training pair, no held-out sentence or no vocabulary."""
+    n = sum(len(v) for v in splits.values())
+    if not splits["train"]:
+        raise TranslateError(f"{cfg.data}: no training pairs left after the split ({n} pairs, valid_frac "
+                             f"{cfg.valid_frac}, test_frac {cfg.test_frac})")
+    if not splits["test"]:
+        raise TranslateError(f"{cfg.data}: {n} pairs are too few for a held-out test split of test_frac "
+                             f"{cfg.test_frac} (it rounds to 0 source sentences); use more data or a larger "
+                             "--test-frac")
+    for side, vocab in (("source", src_vocab), ("target", tgt_vocab)):
+        if len(vocab) == len(SPECIALS):
+            raise TranslateError(f"{cfg.data}: min_freq {cfg.min_freq} keeps no {side} word of the training "
+                                 "split (every word is rarer); lower --min-freq")
+
+
+def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_step) -> dict:
     if resume:
         meta, tensors = ckpt.load_checkpoint(run_dir)
         saved = TrainConfig.from_dict(meta["train"])
@@ -209,9 +183,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     if not resume:
         src_vocab = Vocab.build((p.src for p in splits["train"]), min_freq=cfg.min_freq)
         tgt_vocab = Vocab.build((p.tgt for p in splits["train"]), min_freq=cfg.min_freq)
-    if not splits["train"]:
-        raise TranslateError(f"{cfg.data}: no training pairs left after the split")
+    _check_data(cfg, splits, src_vocab, tgt_vocab)
     mcfg = model_config(cfg, src_vocab, tgt_vocab)
+    try:
+        check_model_memory(mcfg, copies=4)  # weights, gradients and Adam's two moments
+    except ValueError as exc:
+        raise TranslateError(f"{cfg.data}: {exc}") from None
     bos, eos = tgt_vocab.bos_id, tgt_vocab.eos_id
     train_items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in splits["train"]]
     valid_items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in splits["valid"]]
@@ -222,7 +199,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     epoch, start, history, sums = 0, 0, [], {"loss": 0.0, "tokens": 0}
     global_step = 0
     if resume:
-        ckpt.load_model_weights(model, tensors, run_dir / ckpt.WEIGHTS)
+        ckpt.load_model_weights(model, tensors, run_dir / ckpt.MANIFEST)
         opt_state = ckpt.optimizer_state(tensors, meta)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
