@@ -176,6 +176,7 @@ def _check_data(cfg: TrainConfig, splits: dict[str, list[Pair]], src_vocab: Voca
 def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_step) -> dict:
     if resume:
         meta, tensors = ckpt.load_checkpoint(run_dir)
+        ckpt.collect_garbage(run_dir)  # what a killed trainer left behind (we hold the lock)
         saved = TrainConfig.from_dict(meta["train"])
         cfg = dataclasses.replace(saved, epochs=cfg.epochs, max_minutes=cfg.max_minutes)
         src_vocab, tgt_vocab = Vocab(meta["src_vocab"]), Vocab(meta["tgt_vocab"])
