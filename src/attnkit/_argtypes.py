@@ -128,9 +128,9 @@ def comma_list(choices: Sequence[str]) -> ArgType:
     return ArgType("list", convert, ["", "foo", f"{choices[0]},foo"])
 
 
-def sizes_list(word: str = "all") -> ArgType:
-    """A comma-separated list of ints >= 1 and/or ``word``."""
-    want = f"comma-separated ints >= 1 or {word!r}"
+def sizes_list(word: str = "all", minimum: int = 1) -> ArgType:
+    """A comma-separated list of ints >= ``minimum`` and/or ``word``."""
+    want = f"comma-separated ints >= {minimum} or {word!r}"
 
     def convert(text: str) -> list[int | str]:
         out: list[int | str] = []
@@ -142,12 +142,12 @@ def sizes_list(word: str = "all") -> ArgType:
                 value = int(item)
             except ValueError:
                 _fail(want, text)
-            if value < 1:
+            if value < minimum:
                 _fail(want, text)
             out.append(value)
         return list(dict.fromkeys(out))
 
-    return ArgType("sizes", convert, ["", "0", "10,x", "-5"])
+    return ArgType("sizes", convert, ["", str(minimum - 1), f"{minimum},x", "-5"])
 
 
 def regex(text: str):
@@ -161,3 +161,26 @@ def regex(text: str):
 
 
 regex_type = ArgType("regex", regex, ["(", "[a-"])
+
+
+def usage_error(command: str, message: str) -> int:
+    """Print ``attnkit <command>: error: <message>`` (argparse's form) on stderr and return exit code 2: for
+    mistakes only visible once options are combined (``--heads`` that does not divide ``--embed-dim``)."""
+    import sys
+
+    print(f"attnkit {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def fill_defaults(args, defaults: dict, quick: dict | None = None) -> list[str]:
+    """Give every option of ``defaults`` left at ``None`` (not given) its default, or with ``args.quick`` its
+    ``quick`` value, so ``--quick`` never overrides an option given on the command line; return the names it
+    filled from ``quick``."""
+    filled = []
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            use_quick = bool(getattr(args, "quick", False)) and quick is not None and name in quick
+            setattr(args, name, quick[name] if use_quick else value)
+            if use_quick:
+                filled.append(name)
+    return filled
