@@ -40,7 +40,14 @@ OPTIONS = {
     "warmup_steps": A.nonnegative_int, "schedule": ("constant", "linear"), "clip": A.positive_float,
     "label_smoothing": A.probability, "seed": _seed, "split_seed": _seed, "valid_frac": A.real(0.0, 1.0, max_open=True),
     "test_frac": A.open_fraction, "min_freq": A.positive_int, "max_len": A.positive_int,
-    "max_minutes": A.positive_float,
+    "max_minutes": A.positive_float, "max_train_len": A.positive_int, "max_tokens": A.positive_int,
+}
+HELP = {
+    "max_train_len": "skip training pairs with a side longer than this many tokens (default: sized for the data, "
+                     "4 x the 90th percentile, at least 64); the count skipped is printed",
+    "max_tokens": "cut a batch whose padded size (sentences x (source + target + 1) tokens) exceeds this "
+                  "(default: --batch-size pairs of --max-train-len tokens)",
+    "max_minutes": "stop (and save) after this much training time in this session",
 }
 RESUME_MAY_CHANGE = ("epochs", "max_minutes")  # what --resume takes from the command line; the rest is the run's
 _beam = A.int_at_least(1, 100)
@@ -74,7 +81,7 @@ def register(subparsers) -> None:
                         "one thread; torch's default otherwise)")
     for name, kind in OPTIONS.items():
         typed = dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
-        t.add_argument("--" + name.replace("_", "-"), default=None, dest=name, **typed)
+        t.add_argument("--" + name.replace("_", "-"), default=None, dest=name, help=HELP.get(name), **typed)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained model on its held-out split (or on --data)")
@@ -214,6 +221,10 @@ def _train_locked(args, cfg, out: Path) -> int:
         print(f"training {what} -> {out} ({'resuming' if args.resume else f'{cfg.epochs} epochs'}, Ctrl-C "
               "saves and stops)", flush=True)
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    skipped = result["skipped"]
+    if skipped["train"] or skipped["valid"]:
+        print(f"skipped {skipped['train']} training and {skipped['valid']} validation pairs longer than "
+              f"{skipped['max_train_len']} tokens on a side (--max-train-len)")
     hist = result["history"]
     if hist:
         last = hist[-1]

@@ -45,6 +45,8 @@ class TrainConfig:
     min_freq: int = 1
     max_len: int = 40
     max_minutes: float | None = None  # stop (and save) after this much training time
+    max_train_len: int | None = None  # skip training pairs with a side longer than this (None: sized for the data)
+    max_tokens: int | None = None  # cut batches to at most this many padded tokens (None: batch_size x longest)
 
     def __post_init__(self):
         self.validate()
@@ -76,6 +78,13 @@ class TrainConfig:
                              f"{self.valid_frac} + {self.test_frac}.")
         if self.max_minutes is not None:
             check_float("max_minutes", self.max_minutes, minimum=0.0, min_open=True)
+        for name in ("max_train_len", "max_tokens"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
+        if self.max_train_len is not None and self.max_tokens is not None \
+                and self.max_tokens < 2 * self.max_train_len + 1:
+            raise ValueError(f"max_tokens must hold one pair of max_train_len tokens per side (>= "
+                             f"{2 * self.max_train_len + 1}); got {self.max_tokens}.")
         check_choice("schedule", self.schedule, SCHEDULES)
         if self.model == "transformer" and self.hidden % self.num_heads:
             raise ValueError(f"hidden must be divisible by num_heads for the Transformer; got hidden "

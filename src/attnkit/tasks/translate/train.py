@@ -51,11 +51,12 @@ def load_splits(cfg: TrainConfig) -> dict[str, list[Pair]]:
     return split_pairs(pairs, seed=cfg.split_seed, valid_frac=cfg.valid_frac, test_frac=cfg.test_frac)
 
 
-def model_config(cfg: TrainConfig, src_vocab: Vocab, tgt_vocab: Vocab) -> dict:
+def model_config(cfg: TrainConfig, src_vocab: Vocab, tgt_vocab: Vocab, train_len: int = 0) -> dict:
+    """The model's JSON config; its positions cover decoding (``max_len``) and training pairs (``train_len``)."""
     return {"kind": cfg.model, "src_vocab": len(src_vocab), "tgt_vocab": len(tgt_vocab),
             "embed_dim": cfg.embed_dim, "hidden": cfg.hidden, "num_layers": cfg.num_layers,
             "dropout": cfg.dropout, "num_heads": cfg.num_heads, "ff_dim": cfg.ff_dim,
-            "max_len": max(256, cfg.max_len + 2), "score": cfg.score,
+            "max_len": max(256, cfg.max_len + 2, train_len + 2), "score": cfg.score,
             "bidirectional": cfg.bidirectional}
 
 
@@ -79,11 +80,14 @@ def collate(items: list[tuple[list[int], list[int]]], bos: int, eos: int, pad: i
     return src, src_lens, tgt_in, tgt_out
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, max_tokens: int | None = None,
+                  costs: list[tuple[int, int]] | None = None) -> list[list[int]]:
     """The batches (lists of pair indices) of ``epoch``: a function of ``(seed, epoch)`` only.
 
     Pairs are shuffled, cut into pools of 50 batches, sorted by length inside a pool (less padding), cut
-    into batches, and the batches shuffled again.
+    into batches, and the batches shuffled again. With ``max_tokens`` and ``costs`` (per pair its source and
+    target lengths), a batch whose padded size ``B * (S + T + 1)`` would exceed ``max_tokens`` is cut in
+    halves until it fits, so memory per step is bounded whatever the lengths.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
@@ -91,9 +95,36 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     batches = []
     for i in range(0, len(order), pool):
         chunk = sorted(order[i: i + pool], key=lambda j: lengths[j])
-        batches.extend(chunk[k: k + batch_size] for k in range(0, len(chunk), batch_size))
+        for k in range(0, len(chunk), batch_size):
+            batches.extend(_fit(chunk[k: k + batch_size], max_tokens, costs))
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
+
+
+def _fit(batch: list[int], max_tokens: int | None, costs: list[tuple[int, int]] | None) -> list[list[int]]:
+    if max_tokens is None or costs is None or len(batch) == 1:
+        return [batch]
+    padded = len(batch) * (max(costs[j][0] for j in batch) + max(costs[j][1] for j in batch) + 1)
+    if padded <= max_tokens:
+        return [batch]
+    half = len(batch) // 2
+    return _fit(batch[:half], max_tokens, costs) + _fit(batch[half:], max_tokens, costs)
+
+
+def train_length_limit(cfg: TrainConfig, pairs: list[Pair]) -> int:
+    """``cfg.max_train_len``, or sized for the data: 4 x the 90th percentile of the longer side, at least 64 (so
+    ordinary sentences are all kept and only outliers, such as a whole document on one line, are skipped; the
+    percentile ignores up to a tenth of outliers, even in a small file)."""
+    if cfg.max_train_len is not None:
+        return cfg.max_train_len
+    longest = sorted(max(len(p.src), len(p.tgt)) for p in pairs) or [0]
+    return max(64, 4 * longest[int(0.9 * (len(longest) - 1))])
+
+
+def skip_long(pairs: list[Pair], limit: int) -> tuple[list[Pair], int]:
+    """The pairs whose both sides have at most ``limit`` tokens, and how many were skipped."""
+    kept = [p for p in pairs if len(p.src) <= limit and len(p.tgt) <= limit]
+    return kept, len(pairs) - len(kept)
 
 
 def masked_loss(logits: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float = 0.0):
@@ -181,11 +212,22 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
         cfg = dataclasses.replace(saved, epochs=cfg.epochs, max_minutes=cfg.max_minutes)
         src_vocab, tgt_vocab = Vocab(meta["src_vocab"]), Vocab(meta["tgt_vocab"])
     splits = load_splits(cfg)
+    limit = train_length_limit(cfg, splits["train"])
+    splits["train"], skipped_train = skip_long(splits["train"], limit)
+    splits["valid"], skipped_valid = skip_long(splits["valid"], limit)
+    skipped = {"max_train_len": limit, "train": skipped_train, "valid": skipped_valid}
+    if skipped_train or skipped_valid:
+        log.warning("skipped %d training and %d validation pairs longer than %d tokens (--max-train-len)",
+                    skipped_train, skipped_valid, limit)
     if not resume:
         src_vocab = Vocab.build((p.src for p in splits["train"]), min_freq=cfg.min_freq)
         tgt_vocab = Vocab.build((p.tgt for p in splits["train"]), min_freq=cfg.min_freq)
     _check_data(cfg, splits, src_vocab, tgt_vocab)
-    mcfg = model_config(cfg, src_vocab, tgt_vocab)
+    mcfg = model_config(cfg, src_vocab, tgt_vocab, limit)
+    max_tokens = cfg.max_tokens if cfg.max_tokens is not None else cfg.batch_size * (2 * limit + 1)
+    if max_tokens < 2 * limit + 1:
+        raise TranslateError(f"max_tokens {max_tokens} cannot hold one pair of {limit} tokens per side "
+                             f"(--max-train-len); give --max-tokens >= {2 * limit + 1}")
     try:
         check_model_memory(mcfg, copies=4)  # weights, gradients and Adam's two moments
     except ValueError as exc:
@@ -217,20 +259,23 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, meta=meta_out)
 
     lengths = [len(s) + len(t) for s, t in train_items]
-    n_batches = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
+    costs = [(len(s), len(t)) for s, t in train_items]
+    # the schedule's steps per epoch (epochs cut by --max-tokens may differ by a few batches)
+    steps_per_epoch = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, max_tokens, costs))
     t0 = time.perf_counter()
     status = "done"
     model.train()
     with _StopFlag() as stop:
         while epoch < cfg.epochs and status == "done":
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, max_tokens, costs)
+            n_batches = len(batches)
             bar = _progress(n_batches, start, f"epoch {epoch + 1}/{cfg.epochs}", progress)
             t_epoch, tokens_epoch = time.perf_counter(), 0
             for b in range(start, n_batches):
                 batch = [train_items[i] for i in batches[b]]
                 src, src_lens, tgt_in, tgt_out = collate(batch, bos, eos)
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, global_step, n_batches)
+                    group["lr"] = learning_rate(cfg, global_step, steps_per_epoch)
                 loss, n_tok = model.loss(src, src_lens, tgt_in, tgt_out, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 (loss / n_tok).backward()
@@ -265,6 +310,6 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
                 epoch, start, sums = epoch + 1, 0, {"loss": 0.0, "tokens": 0}
             save(status if status != "done" or epoch < cfg.epochs else "done")
     model.eval()
-    return {"status": status, "history": history, "model": model, "src_vocab": src_vocab,
+    return {"status": status, "history": history, "model": model, "src_vocab": src_vocab, "skipped": skipped,
             "tgt_vocab": tgt_vocab, "config": cfg, "splits": splits,
             "train_seconds": time.perf_counter() - t0}
