@@ -40,7 +40,7 @@ FORMAT = "attnkit-translate/2"  # the manifest
 LEGACY_FORMAT = "attnkit-translate/1"  # checkpoint.json + weights.safetensors in the run directory
 MANIFEST, SNAPSHOTS = "checkpoint.json", "checkpoints"
 WEIGHTS, META = "weights.safetensors", "meta.json"
-_NAME = re.compile(r"^[0-9]{9}-[0-9a-f]{8}$")
+_NAME = re.compile(r"^[0-9]{9,}-[0-9a-f]{8}$")
 SECTIONS = ("train", "model", "src_vocab", "tgt_vocab", "history", "status", "progress", "optimizer")
 
 
@@ -158,9 +158,10 @@ def collect_garbage(run_dir: str | Path) -> list[Path]:
     found = _read_manifest(run_dir)
     if found is None or not isinstance(found[1], dict) or found[1].get("format") != FORMAT:
         return []
-    keep = {Path(found[1]["snapshot"]).name, found[1].get("previous")}
+    keep = {Path(str(found[1].get("snapshot"))).name, found[1].get("previous")}
     removed = []
-    for entry in sorted((run_dir / SNAPSHOTS).iterdir()):
+    folder = run_dir / SNAPSHOTS
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
         base = entry.name[: -len(".partial")] if entry.name.endswith(".partial") else entry.name
         if entry.name in keep or not _NAME.match(base):
             continue  # not ours: leave it
@@ -171,7 +172,7 @@ def collect_garbage(run_dir: str | Path) -> list[Path]:
         legacy.unlink()
         removed.append(legacy)
     if removed:
-        fsync_dir(run_dir / SNAPSHOTS)
+        fsync_dir(folder if folder.is_dir() else run_dir)
     return removed
 
 
@@ -239,7 +240,7 @@ def load_checkpoint(run_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
 def _check_manifest(run_dir: Path, manifest: dict) -> tuple[Path, dict]:
     where = run_dir / MANIFEST
     snap, files = manifest.get("snapshot"), manifest.get("files")
-    if not isinstance(snap, str) or not re.fullmatch(f"{SNAPSHOTS}/[0-9]{{9}}-[0-9a-f]{{8}}", snap):
+    if not isinstance(snap, str) or not re.fullmatch(f"{SNAPSHOTS}/[0-9]{{9,}}-[0-9a-f]{{8}}", snap):
         raise TranslateError(f"{where}: field 'snapshot' must name a folder {SNAPSHOTS}/<step>-<id>; got {snap!r}")
     if not isinstance(files, dict) or not all(isinstance(files.get(k), str) for k in (META, WEIGHTS)):
         raise TranslateError(f"{where}: field 'files' must give the SHA-256 of {META} and {WEIGHTS}; got {files!r}")

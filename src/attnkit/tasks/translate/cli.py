@@ -151,9 +151,10 @@ def _changed_on_resume(args, saved) -> list[str]:
         given = getattr(args, name, None)
         if given is None or name in RESUME_MAY_CHANGE:
             continue
-        if name == "data" and given != "embedded":
-            given = str(Path(given).resolve())
-        if given != getattr(saved, name):
+        was = getattr(saved, name)
+        if name == "data" and given != "embedded":  # a first-format run may hold a relative path
+            given, was = str(Path(given).resolve()), str(Path(was).resolve()) if was != "embedded" else was
+        if given != was:
             flag = "--" + name.replace("_", "-")
             out.append(f"{flag} {given} (saved {getattr(saved, name)})" if name not in FLAGS else
                        f"{flag} (saved {getattr(saved, name)})")
