@@ -37,7 +37,9 @@ class Pair:
     """One sentence pair.
 
     ``align[j]`` is the tuple of source positions that target token ``j`` translates (gold alignment), or
-    ``None`` when it is not known (real data). ``line`` is the 1-based line in the file it came from.
+    ``None`` when it is not known (real data). ``line`` is the 1-based line in the file it came from; a pair read
+    from a file keeps its two sentences as written in ``extra["src_text"]`` / ``extra["tgt_text"]`` (what a
+    subword vocabulary learns from).
     """
 
     src: list[str]
@@ -161,7 +163,7 @@ def load_pairs(path: str | Path, *, lowercase: bool = True, max_pairs: int | Non
         if not src or not tgt:
             side = "source" if not src else "target"
             raise TranslateError(f"{path}:{lineno}: the {side} sentence is empty: {line[:60]!r}")
-        pairs.append(Pair(src, tgt, None, lineno))
+        pairs.append(Pair(src, tgt, None, lineno, {"src_text": cols[0], "tgt_text": cols[1]}))
         if max_pairs is not None and len(pairs) >= max_pairs:
             break
     if not pairs:
