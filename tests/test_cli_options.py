@@ -79,3 +79,11 @@ def test_a_bad_value_is_an_argparse_error(prefix, option, bad, capsys):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"attnkit {' '.join(prefix)}: error: argument {option}"), last
+
+
+@pytest.mark.parametrize("prefix, parser", _commands(), ids=lambda x: " ".join(x) if isinstance(x, list) else "")
+def test_help_prints_and_exits_0(prefix, parser, capsys):
+    argv = [*prefix, "--help"]
+    with pytest.raises(SystemExit) as exc:
+        build_parser(argv).parse_args(argv)
+    assert exc.value.code == 0 and "usage: attnkit" in capsys.readouterr().out
