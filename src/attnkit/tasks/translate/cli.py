@@ -172,8 +172,6 @@ def _print_metrics(result: dict) -> None:
 
 @_guarded
 def cmd_train(args) -> int:
-    import torch
-
     from attnkit.tasks.translate.runlock import run_lock
 
     if args.resume and args.overwrite:
@@ -184,9 +182,6 @@ def cmd_train(args) -> int:
         cfg = build_config(args)
     except (ValueError, TypeError) as exc:
         return _fail(str(exc), 2)
-    threads = args.threads if args.threads is not None else (1 if cfg.data == "embedded" else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
     with run_lock(args.out):  # held until training ends: a second trainer on this --out is refused
         return _train_locked(args, cfg, Path(args.out))
 
@@ -215,6 +210,11 @@ def _train_locked(args, cfg, out: Path) -> int:
         again = args.resume = True
     elif args.overwrite:
         remove_checkpoint(out)
+    threads = args.threads if args.threads is not None else (1 if cfg.data == "embedded" else None)
+    if threads is not None:  # decided on the run's own data (a resumed run's, not the command line's default)
+        import torch
+
+        torch.set_num_threads(threads)
     what = f"{cfg.model} on {'the embedded date task' if cfg.data == 'embedded' else cfg.data}"
     if again:
         print(f"{out} already holds this finished run: evaluating it again (--overwrite retrains)")
