@@ -145,7 +145,10 @@ def test_full_disk_at_each_call_of_a_save(tmp_path, reference, monkeypatch):
             raised = True
         faults.fail_at = 0
         outcomes.append((raised, _assert_recovers(out, reference)))
-    assert sum(r for r, _ in outcomes) >= len(outcomes) - 3, outcomes
+    # a fault that does not surface (in an exist_ok mkdir of a folder that is there, or in deleting an old
+    # snapshot, which the next save retries) must not have stopped training: the run finished
+    assert all(raised or state == "loads (done at step 30)" for raised, state in outcomes), outcomes
+    assert sum(r for r, _ in outcomes) >= len(outcomes) // 2, outcomes
     assert any("step 20" in s for _, s in outcomes) and any("step 30" in s for _, s in outcomes), outcomes
 
 
