@@ -190,3 +190,25 @@ def test_two_trainers_started_together_one_wins_the_other_is_refused(tmp_path, r
     assert "is using this run directory" in loser[2] and "Traceback" not in loser[2]
     meta, _ = ckpt.load_checkpoint(tmp_path)
     assert meta["status"] == "done" and _plain(meta["history"]) == reference["history"]
+
+
+def test_a_first_format_run_resumes_and_is_converted(tmp_path, reference):
+    """A run saved by the first format (checkpoint.json + weights.safetensors side by side) after epoch 2 resumes
+    to the uninterrupted run's weights, and its next save leaves only the current format behind."""
+    import hashlib
+    import json
+    import shutil
+
+    cfg = TrainConfig(**{**CONFIG, "epochs": 2})
+    train(cfg, tmp_path, progress=False)
+    meta, _ = ckpt.load_checkpoint(tmp_path)
+    blob = (ckpt.current_snapshot(tmp_path) / "weights.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "weights.safetensors").write_bytes(blob)
+    (tmp_path / "checkpoint.json").write_text(json.dumps(
+        {**meta, "format": "attnkit-translate/1", "weights_sha256": hashlib.sha256(blob).hexdigest()}))
+    result = train(TrainConfig(**CONFIG), tmp_path, resume=True, progress=False)
+    weights = result["model"].state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in reference["weights"].items())
+    assert _plain(result["history"]) == reference["history"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "checkpoints", "run.lock"]
