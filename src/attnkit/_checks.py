@@ -77,3 +77,29 @@ def _dims(target: tuple[int, ...]) -> str:
 
 def _h(hint: str) -> str:
     return f" {hint}" if hint else ""
+
+
+def check_float(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None,
+                min_open: bool = False, max_open: bool = False) -> float:
+    """A finite real number in the given range (``min_open``/``max_open``: the bound itself is excluded)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__} ({value!r}).")
+    value = float(value)
+    lo = "(" if min_open else "["
+    hi = ")" if max_open else "]"
+    want = f"{lo}{'-inf' if minimum is None else minimum}, {'inf' if maximum is None else maximum}{hi}"
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number in {want}; got {value}.")
+    if minimum is not None and (value < minimum or (min_open and value == minimum)):
+        raise ValueError(f"{name} must be in {want}; got {value}.")
+    if maximum is not None and (value > maximum or (max_open and value == maximum)):
+        raise ValueError(f"{name} must be in {want}; got {value}.")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> object:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}.")
+    return value

@@ -114,3 +114,36 @@ def test_interrupted_bench_resumes_only_the_missing_cases(tmp_path, monkeypatch,
     (tmp_path / "bench.partial.json").write_text("{not json")
     assert main([*args, "--resume"]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+def test_resume_from_well_formed_json_with_bad_entries_is_refused_by_field(tmp_path, capsys):
+    """A partial file with the right settings but damaged cases (hand-edited, another tool) names the entry and
+    field instead of failing later with a raw KeyError/TypeError."""
+    import pytest
+
+    from attnkit.bench import cli
+    from attnkit.cli import build_parser
+
+    argv = ["bench", "--quick", "--only", "^dense-", "--repeats", "1", "--no-memory", "--no-flex",
+            "--out", str(tmp_path), "--resume"]
+    settings = cli._settings(build_parser(argv).parse_args(argv), 1)
+    good = {"id": "dense-L256", "group": "dense", "L": 256, "mode": "fwd", "backend": "sdpa", "flops": 1.0,
+            "note": "", "role": None, "impls": {"attnkit": {"median_s": 0.001, "n": 1, "times": [0.001]}}}
+    bad_cases = [
+        ([1], r"cases\[0\] must be a JSON object"),
+        ([{**good, "L": "256"}], r"cases\[0\] field 'L' must be a int"),
+        ([{**good, "impls": {"attnkit": {"median_s": "fast", "n": 1}}}], r"impls\['attnkit'\].median_s must be"),
+        ([good, {**good, "impls": {"attnkit": {"median_s": 0.1, "n": 0}}}], r"cases\[1\] impls\['attnkit'\].n must"),
+        ([{**good, "impls": {"attnkit": {"median_s": 0.1, "n": 1, "times": ["x"]}}}], r"times must be a list"),
+    ]
+    import re
+
+    for cases, message in bad_cases:
+        (tmp_path / "bench.partial.json").write_text(json.dumps({"settings": settings, "matmul_peak_gflops": 10.0,
+                                                                 "notes": [], "cases": cases}))
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1, err
+    with pytest.raises(ValueError, match="matmul_peak_gflops"):
+        (tmp_path / "p.json").write_text(json.dumps({"settings": settings, "matmul_peak_gflops": "x", "cases": []}))
+        cli._load_partial(tmp_path / "p.json", settings)

@@ -73,6 +73,20 @@ def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
     assert "missing Planetoid file" in capsys.readouterr().err
 
 
-def test_bad_arguments_are_rejected(tmp_path, capsys):
-    assert main(["graph", "--seeds", "0", "--out", str(tmp_path)]) == 2
-    assert "--seeds must be >= 1" in capsys.readouterr().err
+def test_bad_options_are_refused_before_training(tmp_path, capsys):
+    """``--heads 0`` printed a traceback; ``--labels-per-class 0`` trained on nothing and wrote NaN with
+    ``"complete": true``. Both are now argparse errors, and the library refuses the empty training set too."""
+    import pytest
+
+    from attnkit.cli import main
+
+    for argv, message in ((["--heads", "0"], "argument --heads: expected an int >= 1, got '0'"),
+                          (["--seeds", "0"], "argument --seeds: expected an int >= 1, got '0'"),
+                          (["--labels-per-class", "0"], "argument --labels-per-class: expected an int in [1, 16]")):
+        with pytest.raises(SystemExit) as exc:
+            main(["graph", *argv, "--out", str(tmp_path / "g")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(ValueError, match=r"labels_per_class must be in \[1, 16\]"):
+        karate_club(labels_per_class=0)

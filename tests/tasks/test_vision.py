@@ -120,7 +120,41 @@ def test_tiny_run(tmp_path):
 def test_bad_sizes_give_a_one_line_error(tmp_path, capsys):
     from attnkit.cli import main
 
-    for bad in ("5,x", "100,lots"):
-        assert main(["vision", "--sizes", bad, "--out", str(tmp_path / "v")]) == 2
+    for bad in ("5,x", "100,lots", "5"):
+        with pytest.raises(SystemExit) as exc:
+            main(["vision", "--sizes", bad, "--out", str(tmp_path / "v")])
         err = capsys.readouterr().err
-        assert "--sizes must be integers" in err and "Traceback" not in err
+        assert exc.value.code == 2 and "Traceback" not in err
+        assert f"argument --sizes: expected comma-separated ints >= 10 or 'all', got '{bad}'" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "foo"], "argument --models: expected a comma-separated subset of vit,local,cnn, got 'foo'"),
+    (["--k", "2"], "argument --k: expected an odd int >= 1, got '2'"),
+    (["--patch-size", "3"], "argument --patch-size: invalid choice: 3"),
+    (["--batch-size", "0"], "argument --batch-size: expected an int >= 1, got '0'"),
+])
+def test_bad_options_are_refused_at_parse_time(tmp_path, capsys, argv, message):
+    from attnkit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["vision", *argv, "--out", str(tmp_path / "v")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "v").exists()
+
+
+def test_heads_that_do_not_divide_the_width_are_a_usage_error(tmp_path, capsys):
+    from attnkit.cli import main
+
+    assert main(["vision", "--quick", "--heads", "5", "--out", str(tmp_path / "v")]) == 2
+    assert "attnkit vision: error: --heads (5) must divide --embed-dim (16)" in capsys.readouterr().err
+
+
+def test_quick_keeps_the_options_given(tmp_path):
+    """``--quick`` used to replace ``--sizes`` silently; now it only fills the options not given."""
+    from attnkit.cli import main
+
+    assert main(["vision", "--quick", "--sizes", "30", "--models", "cnn", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["sizes"] == [30] and set(metrics["table"]) == {"cnn"}

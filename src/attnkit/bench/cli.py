@@ -26,15 +26,18 @@ import sys
 import time
 from pathlib import Path
 
+from attnkit import _argtypes as A
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="time attnkit's kernels against SDPA and other anchors",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="output folder (default runs/bench)")
+    p.add_argument("--out", type=A.path, default="runs/bench", help="output folder (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every case")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default 5, quick 3)")
-    p.add_argument("--only", default=None,
+    p.add_argument("--threads", type=A.int_at_least(1, 1024), default=2, help="torch threads (default 2)")
+    p.add_argument("--repeats", type=A.int_at_least(1, 1000), default=None,
+                   help="timed repeats per implementation (default 5, quick 3)")
+    p.add_argument("--only", default=None, type=A.regex_type,
                    help="run only cases whose id matches this regular expression (re.search), e.g. 'window.*fwd$'")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     p.add_argument("--no-flex", action="store_true", help="skip the compiled FlexAttention anchor")
@@ -78,7 +81,53 @@ def _load_partial(path: Path, settings: dict) -> tuple[list, float | None, list]
         was = saved.get("settings") if isinstance(saved, dict) else "unknown"
         raise ValueError(f"{path} was written with other settings ({was}; now {settings}); rerun with those "
                          "settings, or delete it to start over")
-    return saved["cases"], saved.get("matmul_peak_gflops"), list(saved.get("notes", []))
+    peak, notes = saved.get("matmul_peak_gflops"), saved.get("notes", [])
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not peak > 0):
+        raise ValueError(f"{path}: field 'matmul_peak_gflops' must be a number > 0; got {peak!r}; delete the file "
+                         "or run without --resume")
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise ValueError(f"{path}: field 'notes' must be a list of strings; delete the file or run without --resume")
+    for i, entry in enumerate(saved["cases"]):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(f"{path}: cases[{i}] {problem}; delete the file or run without --resume")
+    return saved["cases"], peak, list(notes)
+
+
+def _entry_problem(entry) -> str:
+    """What is wrong with one saved case (as ``_time_cases`` writes it), or ``""``."""
+    if not isinstance(entry, dict):
+        return f"must be a JSON object; got {type(entry).__name__}"
+    for key, types in (("id", str), ("group", str), ("mode", str), ("backend", str), ("note", str),
+                       ("L", int), ("impls", dict)):
+        if not isinstance(entry.get(key), types) or isinstance(entry.get(key), bool):
+            return f"field {key!r} must be a {types.__name__}; got {entry.get(key)!r}"
+    for name, r in entry["impls"].items():
+        if not isinstance(r, dict):
+            return f"impls[{name!r}] must be a JSON object; got {type(r).__name__}"
+        t = r.get("median_s")
+        if t is None:
+            if not isinstance(r.get("error", ""), str):
+                return f"impls[{name!r}].error must be a string"
+            continue
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            return f"impls[{name!r}].median_s must be a number > 0 or null; got {t!r}"
+        if isinstance(r.get("n"), bool) or not isinstance(r.get("n"), int) or r["n"] < 1:
+            return f"impls[{name!r}].n must be an int >= 1; got {r.get('n')!r}"
+        for key in ("gflops", "pct_peak", "peak_mb", "compile_s"):
+            v = r.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                return f"impls[{name!r}].{key} must be a number or null; got {v!r}"
+        if not isinstance(r.get("note", ""), str):
+            return f"impls[{name!r}].note must be a string"
+        for key in ("times", "rounds"):
+            v = r.get(key)
+            if v is not None and not (isinstance(v, list) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                return f"impls[{name!r}].{key} must be a list of numbers; got {v!r}"
+    if entry.get("role") is not None and not isinstance(entry["role"], str):
+        return f"field 'role' must be a string or null; got {entry['role']!r}"
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,9 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.bench import cases as _cases
     from attnkit.bench import report, targets, timing
 
-    if args.threads < 1:
-        print(f"--threads must be >= 1; got {args.threads}", file=sys.stderr)
-        return 2
+    args.out = Path(args.out)
     repeats = args.repeats or (3 if args.quick else 5)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -109,11 +156,7 @@ def run(args: argparse.Namespace) -> int:
     all_cases = _cases.build_cases(args.quick, flex=not args.no_flex)
     import re
 
-    try:
-        pattern = re.compile(args.only or "")
-    except re.error as exc:
-        print(f"--only must be a regular expression; got {args.only!r} ({exc})", file=sys.stderr)
-        return 2
+    pattern = re.compile(args.only or "")
     chosen = [c for c in all_cases if pattern.search(c.id)]
     saved = {e["id"]: e for e in done}
     results = [saved[c.id] for c in chosen if c.id in saved]

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from attnkit import _argtypes as A
 from attnkit._io import save_figure_atomic, write_json_atomic
 from attnkit.nn.gat import GATConv
 from attnkit.tasks.datasets.planetoid import GraphData, load_planetoid
@@ -109,8 +110,9 @@ def karate_club(labels_per_class: int = 2, seed: int = 0) -> GraphData:
     train = []
     for c in range(2):
         members = (y == c).nonzero().flatten()
-        if labels_per_class > len(members):
-            raise ValueError(f"labels_per_class must be <= {len(members)} (club size); got {labels_per_class}")
+        if not 1 <= labels_per_class < len(members):  # 0 trains on nothing; all leaves the club untested
+            raise ValueError(f"labels_per_class must be in [1, {len(members) - 1}] (club size {len(members)}, "
+                             f"some members kept for the test set); got {labels_per_class}")
         train.append(members[torch.randperm(len(members), generator=gen)[:labels_per_class]])
     train_idx = torch.cat(train).sort().values
     test_mask = torch.ones(n, dtype=torch.bool)
@@ -278,22 +280,26 @@ def register(subparsers) -> None:
         "Planetoid data set (Cora, CiteSeer, PubMed) from --data DIR --dataset NAME in the paper's setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", default=None, help="folder with Planetoid files ind.<dataset>.*; omit for karate club")
-    p.add_argument("--dataset", default="cora", help="Planetoid data set name (file prefix ind.<dataset>.)")
-    p.add_argument("--seeds", type=int, default=1, help="number of runs, seeds --seed .. --seed + N - 1")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--out", default="runs/graph", help="run directory (metrics.json and a picture)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--data", default=None, type=A.path,
+                   help="folder with Planetoid files ind.<dataset>.*; omit for karate club")
+    p.add_argument("--dataset", default="cora", type=A.name,
+                   help="Planetoid data set name (file prefix ind.<dataset>.)")
+    p.add_argument("--seeds", type=A.positive_int, default=1, help="number of runs, seeds --seed .. --seed + N - 1")
+    p.add_argument("--seed", type=A.int_at_least(0, 2**31 - 1), default=0, help="first seed")
+    p.add_argument("--out", default="runs/graph", type=A.path, help="run directory (metrics.json and a picture)")
+    p.add_argument("--epochs", type=A.positive_int, default=None,
                    help="max epochs; if omitted 100000 with early stopping for Planetoid, 200 for karate")
-    p.add_argument("--patience", type=int, default=100, help="early-stopping patience on validation")
-    p.add_argument("--hidden", type=int, default=8, help="features per head in layer 1")
-    p.add_argument("--heads", type=int, default=8, help="heads in layer 1")
-    p.add_argument("--out-heads", type=int, default=1, help="heads in the output layer (averaged)")
-    p.add_argument("--dropout", type=float, default=0.6, help="dropout on inputs and attention")
-    p.add_argument("--lr", type=float, default=0.005)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--labels-per-class", type=int, default=2, help="karate club: labelled members per club")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (omitted: torch's choice)")
+    p.add_argument("--patience", type=A.positive_int, default=100, help="early-stopping patience on validation")
+    p.add_argument("--hidden", type=A.positive_int, default=8, help="features per head in layer 1")
+    p.add_argument("--heads", type=A.positive_int, default=8, help="heads in layer 1")
+    p.add_argument("--out-heads", type=A.positive_int, default=1, help="heads in the output layer (averaged)")
+    p.add_argument("--dropout", type=A.probability, default=0.6, help="dropout on inputs and attention")
+    p.add_argument("--lr", type=A.positive_float, default=0.005)
+    p.add_argument("--weight-decay", type=A.nonnegative_float, default=5e-4)
+    p.add_argument("--labels-per-class", type=A.int_at_least(1, 16), default=2,
+                   help="karate club: labelled members per club (the rest are the test set; a club has 17)")
+    p.add_argument("--threads", type=A.int_at_least(1, 1024), default=None,
+                   help="torch CPU threads (omitted: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -306,12 +312,6 @@ def _error(msg: str) -> int:
 def run(args) -> int:
     from attnkit._progress import progress as tqdm
 
-    if args.seeds < 1:
-        return _error(f"--seeds must be >= 1; got {args.seeds}")
-    if args.epochs is not None and args.epochs < 1:
-        return _error(f"--epochs must be >= 1; got {args.epochs}")
-    if not 0.0 <= args.dropout < 1.0:
-        return _error(f"--dropout must be in [0, 1); got {args.dropout}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     karate = args.data is None

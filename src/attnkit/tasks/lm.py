@@ -22,25 +22,29 @@ from pathlib import Path
 
 import torch
 
+from attnkit import _argtypes as A
 from attnkit._io import save_figure_atomic, write_text_atomic
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("lm", help="linear attention as an RNN: per-token generation cost",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/lm", help="run directory (default: %(default)s)")
-    p.add_argument("--numbers", type=int, default=3000, help="count from 1 to N in words for the corpus")
-    p.add_argument("--steps", type=int, default=400, help="training steps per model")
-    p.add_argument("--context", type=int, default=128, help="training window (characters)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--gen-len", type=int, default=16384, help="tokens generated (and timed) per model")
-    p.add_argument("--bins", type=int, default=32, help="position bins for the timing table and plot")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds)")
+    p.add_argument("--out", default="runs/lm", type=A.path, help="run directory (default: %(default)s)")
+    p.add_argument("--numbers", type=A.positive_int, default=None,
+                   help="count from 1 to N in words for the corpus (default 3000)")
+    p.add_argument("--steps", type=A.positive_int, default=None, help="training steps per model (default 400)")
+    p.add_argument("--context", type=A.positive_int, default=None, help="training window (characters), default 128")
+    p.add_argument("--batch-size", type=A.positive_int, default=None, help="default 32")
+    p.add_argument("--lr", type=A.positive_float, default=3e-3)
+    p.add_argument("--embed-dim", type=A.positive_int, default=None, help="default 64")
+    p.add_argument("--heads", type=A.positive_int, default=4, help="divides --embed-dim")
+    p.add_argument("--layers", type=A.positive_int, default=None, help="default 2")
+    p.add_argument("--gen-len", type=A.positive_int, default=None,
+                   help="tokens generated (and timed) per model (default 16384)")
+    p.add_argument("--bins", type=A.positive_int, default=None,
+                   help="position bins for the timing table and plot (default 32)")
+    p.add_argument("--seed", type=A.int_at_least(0, 2**31 - 1), default=0)
+    p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds), for the options not given")
     p.set_defaults(func=run)
 
 
@@ -61,9 +65,13 @@ def run(args: argparse.Namespace) -> int:
     from attnkit._progress import progress as tqdm
     from attnkit.tasks.lm_model import CharLM
 
-    if args.quick:
-        args.numbers, args.steps, args.context, args.embed_dim, args.layers = 60, 3, 32, 16, 1
-        args.gen_len, args.bins, args.batch_size = 64, 4, 8
+    A.fill_defaults(args, dict(numbers=3000, steps=400, context=128, embed_dim=64, layers=2, gen_len=16384,
+                               bins=32, batch_size=32),
+                    dict(numbers=60, steps=3, context=32, embed_dim=16, layers=1, gen_len=64, bins=4, batch_size=8))
+    if args.embed_dim % args.heads:
+        return A.usage_error("lm", f"--heads ({args.heads}) must divide --embed-dim ({args.embed_dim})")
+    if args.bins > args.gen_len:
+        return A.usage_error("lm", f"--bins ({args.bins}) must be <= --gen-len ({args.gen_len})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = counting_text(args.numbers)
@@ -73,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
     if len(val_data) <= args.context + 1:
-        raise ValueError(f"--numbers={args.numbers} gives too little text for --context={args.context}")
+        return A.usage_error("lm", f"--numbers {args.numbers} gives too little text for --context "
+                                   f"{args.context} (the validation tenth has {len(val_data)} characters)")
 
     results, models = {}, {}
     for kind in ("linear", "softmax"):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from attnkit import _argtypes as A
 from attnkit._io import save_figure_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -31,23 +32,26 @@ DEFAULT_DATA = "../shared/data/fsdd/recordings"
 def register(subparsers) -> None:
     p = subparsers.add_parser("speech", help="spoken digits with truncated (windowed) self-attention",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=DEFAULT_DATA, help="FSDD recordings folder (default: %(default)s)")
-    p.add_argument("--out", default="runs/speech", help="run directory (default: %(default)s)")
-    p.add_argument("--window", type=int, default=16,
+    p.add_argument("--data", default=DEFAULT_DATA, type=A.path,
+                   help="FSDD recordings folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/speech", type=A.path, help="run directory (default: %(default)s)")
+    p.add_argument("--window", type=A.nonnegative_int, default=16,
                    help="truncated attention: each frame sees ±WINDOW frames (5 ms each); 0 = full attention only")
     p.add_argument("--full", action="store_true", help="train only the full-attention model")
     p.add_argument("--impl", choices=("blocked", "mask"), default="blocked",
                    help="truncated attention by blocks (default) or one window-mask call to attnkit.attention")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=0, help="use only the first N train and N test files (0 = all)")
-    p.add_argument("--quick", action="store_true", help="tiny run for CI: 60 files, 1 epoch, small model")
+    p.add_argument("--epochs", type=A.positive_int, default=None, help="default 15 (--quick: 1)")
+    p.add_argument("--batch-size", type=A.positive_int, default=32)
+    p.add_argument("--lr", type=A.positive_float, default=2e-3)
+    p.add_argument("--embed-dim", type=A.positive_int, default=None, help="default 64 (--quick: 32)")
+    p.add_argument("--heads", type=A.positive_int, default=4, help="divides --embed-dim")
+    p.add_argument("--layers", type=A.positive_int, default=None, help="default 2 (--quick: 1)")
+    p.add_argument("--dropout", type=A.probability, default=0.1)
+    p.add_argument("--seed", type=A.int_at_least(0, 2**31 - 1), default=0)
+    p.add_argument("--limit", type=A.nonnegative_int, default=None,
+                   help="use only the first N train and N test files (0 = all; --quick: 30)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run for CI: 30 files, 1 epoch, small model (for the options not given)")
     p.add_argument("--measure-only", action="store_true",
                    help="skip training: load model-*.safetensors from --out, score and measure them")
     p.set_defaults(func=run)
@@ -71,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.tasks.datasets import fsdd
     from attnkit.tasks.speech_model import SpeechTransformer
 
-    if args.window < 0:
-        raise ValueError(f"--window must be >= 0 frames; got {args.window}")
-    if args.quick:
-        args.epochs, args.limit, args.embed_dim, args.layers = 1, 30, 32, 1
+    A.fill_defaults(args, dict(epochs=15, limit=0, embed_dim=64, layers=2),
+                    dict(epochs=1, limit=30, embed_dim=32, layers=1))
+    if args.embed_dim % args.heads:
+        return A.usage_error("speech", f"--heads ({args.heads}) must divide --embed-dim ({args.embed_dim})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

@@ -7,11 +7,13 @@ from functools import partial
 
 import torch
 
+from attnkit import _argtypes as A
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("tour", help="print one small worked example of every mechanism",
                               description=__doc__)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=A.int_at_least(0, 2**31 - 1), default=0, help="random seed (default 0)")
     p.set_defaults(func=run)
 
 

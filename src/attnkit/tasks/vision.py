@@ -17,37 +17,49 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
+from attnkit import _argtypes as A
 from attnkit._io import save_figure_atomic, write_text_atomic
+from attnkit.tasks.vision_models import MODELS
+
+DEFAULTS = dict(sizes=[100, 200, 400, 800, "all"], seeds=3, embed_dim=48, depth=3, cnn_width=32, epochs=120.0,
+                min_steps=100)
+QUICK = dict(sizes=[40, "all"], seeds=1, embed_dim=16, depth=1, cnn_width=8, epochs=0.0, min_steps=3)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("vision", help="ViT vs CNN vs local attention on 8x8 digits",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/vision", help="run directory (default: %(default)s)")
-    p.add_argument("--sizes", default="100,200,400,800,all", help="training-set sizes, comma separated, 'all'")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per size and model (0 .. N-1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--models", default="vit,local,cnn", help="comma separated subset of vit,local,cnn")
-    p.add_argument("--patch-size", type=int, default=2)
-    p.add_argument("--k", type=int, default=3, help="local attention neighbourhood side (odd), in patches")
-    p.add_argument("--embed-dim", type=int, default=48)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--cnn-width", type=int, default=32, help="CNN channels (first layer; then 2x)")
-    p.add_argument("--dropout", type=float, default=0.1, help="ViT dropout (the CNN has none)")
+    p.add_argument("--out", default="runs/vision", type=A.path, help="run directory (default: %(default)s)")
+    p.add_argument("--sizes", default=None, type=A.sizes_list(minimum=10),
+                   help="training-set sizes (>= 10), comma separated, 'all' (default 100,200,400,800,all)")
+    p.add_argument("--seeds", type=A.positive_int, default=None, help="seeds per size and model (default 3)")
+    p.add_argument("--seed", type=A.int_at_least(0, 2**31 - 1), default=0, help="first seed")
+    p.add_argument("--models", default=list(MODELS), type=A.comma_list(MODELS),
+                   help="comma separated subset of vit,local,cnn")
+    p.add_argument("--patch-size", type=int, default=2, choices=(1, 2, 4, 8), help="pixels; divides 8")
+    p.add_argument("--k", type=A.odd_positive_int(), default=3,
+                   help="local attention neighbourhood side (odd), in patches")
+    p.add_argument("--embed-dim", type=A.positive_int, default=None, help="default 48")
+    p.add_argument("--depth", type=A.positive_int, default=None, help="default 3")
+    p.add_argument("--heads", type=A.positive_int, default=4, help="divides --embed-dim")
+    p.add_argument("--cnn-width", type=A.positive_int, default=None, help="CNN channels (first layer; then 2x), "
+                                                                          "default 32")
+    p.add_argument("--dropout", type=A.probability, default=0.1, help="ViT dropout (the CNN has none)")
     p.add_argument("--pos", choices=("learned", "sinusoidal"), default="learned", help="ViT positions")
-    p.add_argument("--epochs", type=float, default=120.0, help="passes over the subset (at least --min-steps)")
-    p.add_argument("--min-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--shift", type=int, default=0,
+    p.add_argument("--epochs", type=A.nonnegative_float, default=None,
+                   help="passes over the subset (at least --min-steps), default 120")
+    p.add_argument("--min-steps", type=A.positive_int, default=None, help="default 100")
+    p.add_argument("--batch-size", type=A.positive_int, default=64)
+    p.add_argument("--lr", type=A.positive_float, default=1e-3)
+    p.add_argument("--shift", type=A.int_at_least(0, 4), default=0,
                    help="augment with random shifts of up to SHIFT pixels (0 = none; 1 costs the ViT ~3 points)")
-    p.add_argument("--quick", action="store_true", help="tiny run for CI (seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny run for CI (seconds): sizes 40,all, 1 seed, small models, 3 steps, for every one of "
+                        "these options not given")
     p.set_defaults(func=run)
 
 
@@ -55,41 +67,25 @@ def _write_atomic(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
-def _parse_sizes(text: str, n_train: int) -> list[int]:
-    sizes = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "all":
-            sizes.append(n_train)
-            continue
-        if not part.isdigit() or int(part) < 10:
-            raise ValueError(f"--sizes must be integers >= 10 or 'all', comma separated; got {part!r} in {text!r}")
-        sizes.append(min(int(part), n_train))
-    return sizes
+def _parse_sizes(sizes: list, n_train: int) -> list[int]:
+    """``--sizes`` (ints and 'all', parsed) as numbers of training images, capped at ``n_train``."""
+    return [n_train if s == "all" else min(int(s), n_train) for s in sizes]
 
 
 def run(args: argparse.Namespace) -> int:
     from attnkit._progress import progress as tqdm
     from attnkit.tasks import vision_models as vm
 
-    if args.quick:
-        args.sizes, args.seeds, args.embed_dim, args.depth, args.cnn_width = "40,all", 1, 16, 1, 8
-        args.epochs, args.min_steps = 0.0, 3
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in models:
-        if m not in vm.MODELS:
-            raise ValueError(f"--models must be a comma separated subset of {vm.MODELS}; got {m!r}")
-    if 8 % args.patch_size:
-        raise ValueError(f"--patch-size must divide 8; got {args.patch_size}")
+    A.fill_defaults(args, DEFAULTS, QUICK)
+    models = list(args.models)
+    if "vit" in models or "local" in models:
+        if args.embed_dim % args.heads:
+            return A.usage_error("vision", f"--heads ({args.heads}) must divide --embed-dim ({args.embed_dim})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     x_train, y_train, x_test, y_test = vm.load_digits_split()
-    try:
-        sizes = _parse_sizes(args.sizes, len(y_train))
-    except ValueError as exc:
-        print(f"attnkit vision: {exc}", file=sys.stderr)
-        return 2
+    sizes = _parse_sizes(args.sizes, len(y_train))
     seeds = list(range(args.seed, args.seed + args.seeds))
     jobs = [(n, s, m) for n in sizes for s in seeds for m in models]
     runs, params, shown = [], {}, None  # shown: the ViT the explorer draws (most data, first seed)

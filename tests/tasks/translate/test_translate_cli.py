@@ -67,7 +67,8 @@ def test_eval_and_resume(run_dir, tmp_path, capsys):
 def test_corrupt_checkpoint_is_a_one_line_error(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(run_dir, bad)
-    w = bad / "weights.safetensors"
+    w = next((bad / "checkpoints").glob(json.loads((bad / "checkpoint.json").read_text())["snapshot"][12:]))
+    w = w / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:-10])
     assert main(["translate", "predict", "--run", str(bad), "monday march four"]) == 1
     err = capsys.readouterr().err
@@ -84,4 +85,6 @@ def test_bad_data_file_is_a_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 1 and f"{data}:2: expected source<TAB>target" in err
     assert main(["translate", "train", "--data", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "r")]) == 1
     assert "data file not found" in capsys.readouterr().err
-    assert main(["translate", "train", "--beam", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["translate", "train", "--beam", "0"])
+    assert exc.value.code == 2 and "argument --beam: expected an int in [1, 100], got '0'" in capsys.readouterr().err

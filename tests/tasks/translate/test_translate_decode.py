@@ -40,9 +40,10 @@ def logp(table, seq):
 
 
 def brute_force(table, max_len):
-    """Most likely output: any non-<eos> words then <eos> (at most max_len steps), or max_len words."""
+    """Most likely output: any words then <eos> (at most max_len steps), or max_len words; never <pad> (0) or
+    <bos>, which a decoder does not emit."""
     best = (float("-inf"), None)
-    words = [v for v in range(V) if v != EOS]
+    words = [v for v in range(V) if v not in (EOS, 0, BOS)]
     for n in range(max_len + 1):
         for seq in itertools.product(words, repeat=n):
             full = list(seq) + [EOS] if n < max_len else list(seq)
@@ -68,7 +69,9 @@ def test_greedy_follows_the_argmax_chain_and_equals_beam_one(seed):
     ids, weights = greedy(model, src, lens, bos=BOS, eos=EOS, max_len=5)
     chain, prev = [], BOS
     for _ in range(5):
-        prev = int(model.table[prev].argmax())
+        row = model.table[prev].clone()
+        row[[0, BOS]] = float("-inf")  # never <pad> or <bos>
+        prev = int(row.argmax())
         if prev == EOS:
             break
         chain.append(prev)

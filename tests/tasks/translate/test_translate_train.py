@@ -94,3 +94,46 @@ def test_model_loss_scores_only_real_tokens_like_the_full_logits(kind):
         got, n = model.loss(src, src_lens, tgt_in, tgt_out, label_smoothing=smoothing)
         assert n == n_want == 2 + 1 + 5 + 1 + 1 + 1
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_token_budget_cuts_batches_to_fit_and_changes_nothing_by_default():
+    g = torch.Generator().manual_seed(0)
+    costs = [(int(a), int(b)) for a, b in torch.randint(1, 30, (400, 2), generator=g)]
+    costs[7] = (200, 180)  # one long pair
+    lengths = [s + t for s, t in costs]
+    plain = epoch_batches(lengths, 32, seed=1, epoch=2)
+    assert epoch_batches(lengths, 32, seed=1, epoch=2, max_tokens=32 * 401, costs=costs) == plain
+    cut = epoch_batches(lengths, 32, seed=1, epoch=2, max_tokens=600, costs=costs)
+    assert sorted(i for b in cut for i in b) == list(range(400))
+    for b in cut:
+        assert len(b) == 1 or len(b) * (max(costs[i][0] for i in b) + max(costs[i][1] for i in b) + 1) <= 600
+    assert [7] in cut and len(cut) > len(plain)
+    assert cut == epoch_batches(lengths, 32, seed=1, epoch=2, max_tokens=600, costs=costs)  # resume is exact
+
+
+def test_length_limit_is_sized_for_the_data_and_skips_only_outliers():
+    from attnkit.tasks.translate.data import Pair
+    from attnkit.tasks.translate.train import skip_long, train_length_limit
+
+    pairs = [Pair(["w"] * (i % 12 + 1), ["v"] * (i % 9 + 1)) for i in range(500)]
+    pairs.append(Pair(["w"] * 3000, ["v"] * 3000))
+    limit = train_length_limit(TrainConfig(), pairs)
+    assert limit == 64
+    kept, skipped = skip_long(pairs, limit)
+    assert skipped == 1 and len(kept) == 500
+    assert train_length_limit(TrainConfig(max_train_len=5), pairs) == 5
+
+
+def test_a_huge_training_pair_is_skipped_with_a_count(tmp_path, capsys):
+    """One pair of 3,000 tokens per side grew training to 1.29 GB (500,000 words: 23.7 GB before it was killed);
+    now it is skipped, the count is printed, and training goes on."""
+    from attnkit.cli import main
+
+    data = tmp_path / "pairs.tsv"
+    lines = [f"w{i} go home .\tv{i} rentre .\n" for i in range(60)]
+    lines.insert(5, " ".join(["long"] * 3000) + "\t" + " ".join(["long"] * 3000) + "\n")
+    data.write_text("".join(lines), encoding="utf-8")
+    assert main(["translate", "train", "--data", str(data), "--out", str(tmp_path / "r"), "--hidden", "8",
+                 "--embed-dim", "4", "--epochs", "1", "--min-freq", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 training and 0 validation pairs longer than 64 tokens on a side (--max-train-len)" in out

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from attnkit import _argtypes as A
+
 DEFAULT_RUN = "runs/translate"
 
 # Defaults by (data kind, model); any option given on the command line wins.
@@ -29,14 +31,27 @@ PRESETS = {
                                   batch_size=64, lr=1.5e-3, warmup_steps=1000, schedule="linear", min_freq=2,
                                   label_smoothing=0.1),
 }
-# command-line flag -> TrainConfig field
+# command-line flag -> TrainConfig field: its argparse type (validated at parse time) or its choices
+_seed = A.int_at_least(0, 2**31 - 1)
 OPTIONS = {
-    "lang": str, "max_pairs": int, "score": str, "embed_dim": int, "hidden": int, "num_layers": int,
-    "dropout": float, "num_heads": int, "ff_dim": int, "epochs": int, "batch_size": int, "lr": float,
-    "warmup_steps": int, "schedule": str,
-    "clip": float, "label_smoothing": float, "seed": int, "split_seed": int, "valid_frac": float,
-    "test_frac": float, "min_freq": int, "max_len": int, "max_minutes": float,
+    "lang": ("fr", "de"), "max_pairs": A.positive_int, "score": ("dot", "general"), "embed_dim": A.positive_int,
+    "hidden": A.positive_int, "num_layers": A.positive_int, "dropout": A.probability, "num_heads": A.positive_int,
+    "ff_dim": A.positive_int, "epochs": A.positive_int, "batch_size": A.positive_int, "lr": A.positive_float,
+    "warmup_steps": A.nonnegative_int, "schedule": ("constant", "linear"), "clip": A.positive_float,
+    "label_smoothing": A.probability, "seed": _seed, "split_seed": _seed, "valid_frac": A.real(0.0, 1.0, max_open=True),
+    "test_frac": A.open_fraction, "min_freq": A.positive_int, "max_len": A.positive_int,
+    "max_minutes": A.positive_float, "max_train_len": A.positive_int, "max_tokens": A.positive_int,
 }
+HELP = {
+    "max_train_len": "skip training pairs with a side longer than this many tokens (default: sized for the data, "
+                     "4 x the 90th percentile, at least 64); the count skipped is printed",
+    "max_tokens": "cut a batch whose padded size (sentences x (source + target + 1) tokens) exceeds this "
+                  "(default: --batch-size pairs of --max-train-len tokens)",
+    "max_minutes": "stop (and save) after this much training time in this session",
+}
+RESUME_MAY_CHANGE = ("epochs", "max_minutes")  # what --resume takes from the command line; the rest is the run's
+_beam = A.int_at_least(1, 100)
+_threads = A.int_at_least(1, 1024)
 FLAGS = ("bidirectional",)  # store_true options that map to TrainConfig fields
 
 
@@ -49,37 +64,40 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="translate_command", metavar="{train,eval,predict}")
 
     t = sub.add_parser("train", help="train a model (default: additive attention on the embedded date task)")
-    t.add_argument("--data", default="embedded",
-                   help="'embedded' (English dates -> French/German, no download) or a source<TAB>target file")
-    t.add_argument("--model", default="bahdanau", choices=("bahdanau", "luong", "transformer"))
-    t.add_argument("--out", default=DEFAULT_RUN, help=f"run directory (default {DEFAULT_RUN})")
+    t.add_argument("--data", default=None, type=A.path,
+                   help="'embedded' (English dates -> French/German, no download; the default) or a "
+                        "source<TAB>target file")
+    t.add_argument("--model", default=None, choices=("bahdanau", "luong", "transformer"),
+                   help="default: bahdanau")
+    t.add_argument("--out", default=DEFAULT_RUN, type=A.path, help=f"run directory (default {DEFAULT_RUN})")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
-    t.add_argument("--beam", type=int, default=1, help="beam size for the final evaluation (1 = greedy)")
+    t.add_argument("--beam", type=_beam, default=1, help="beam size for the final evaluation (1 = greedy)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--bidirectional", action="store_true", default=None,
                    help="GRU models: read the source in both directions (Bahdanau et al.)")
-    t.add_argument("--threads", type=int, default=None,
+    t.add_argument("--threads", type=_threads, default=None,
                    help="torch threads (default: 1 for the embedded task, whose small matrices run faster on "
                         "one thread; torch's default otherwise)")
-    for name, typ in OPTIONS.items():
-        choices = ("constant", "linear") if name == "schedule" else None
-        t.add_argument("--" + name.replace("_", "-"), type=typ, default=None, dest=name, choices=choices)
+    for name, kind in OPTIONS.items():
+        typed = dict(choices=kind) if isinstance(kind, tuple) else dict(type=kind)
+        t.add_argument("--" + name.replace("_", "-"), default=None, dest=name, help=HELP.get(name), **typed)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained model on its held-out split (or on --data)")
-    e.add_argument("--run", default=DEFAULT_RUN, help="run directory with checkpoint.json")
-    e.add_argument("--data", default=None, help="evaluate on every pair of this file instead")
-    e.add_argument("--beam", type=int, default=1)
-    e.add_argument("--out", default=None, help="where to write metrics/samples/heatmaps (default: --run)")
+    e.add_argument("--run", default=DEFAULT_RUN, type=A.path, help="run directory with checkpoint.json")
+    e.add_argument("--data", default=None, type=A.path, help="evaluate on every pair of this file instead")
+    e.add_argument("--beam", type=_beam, default=1)
+    e.add_argument("--out", default=None, type=A.path,
+                   help="where to write metrics/samples/heatmaps (default: --run)")
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("predict", help="translate sentences given as arguments or one per line on stdin")
     r.add_argument("sentences", nargs="*", help="sentences to translate (default: read stdin)")
-    r.add_argument("--run", default=DEFAULT_RUN)
-    r.add_argument("--beam", type=int, default=1)
+    r.add_argument("--run", default=DEFAULT_RUN, type=A.path)
+    r.add_argument("--beam", type=_beam, default=1)
     r.add_argument("--allow-unknown", action="store_true", help="translate unknown words as <unk>")
-    r.add_argument("--html", default=None, metavar="FILE",
+    r.add_argument("--html", default=None, metavar="FILE", type=A.html_file,
                    help="also write an attention explorer of these sentences to FILE (.html)")
     r.set_defaults(func=cmd_predict)
 
@@ -106,15 +124,43 @@ def _guarded(fn):
     return run
 
 
-def build_config(args):
-    """The TrainConfig of ``args``: the preset for (data, model), then every option given explicitly."""
-    from attnkit.tasks.translate.train import EMBEDDED, TrainConfig
+def build_config(args, saved=None):
+    """The TrainConfig of ``args``: the preset for (data, model), then every option given explicitly.
 
-    kind = "embedded" if args.data == EMBEDDED else "file"
-    preset = PRESETS[(kind, "transformer" if args.model == "transformer" else "rnn")]
-    values = {"data": args.data, "model": args.model, **preset}
+    With ``saved`` (``--resume``), the saved run's config, then only the options of ``RESUME_MAY_CHANGE``.
+    A data file is recorded by its absolute path, so ``eval`` finds it from any working directory.
+    """
+    from attnkit.tasks.translate.config import EMBEDDED, TrainConfig
+
+    if saved is not None:
+        values = {k: getattr(args, k) for k in RESUME_MAY_CHANGE}
+        return dataclasses.replace(saved, epochs=values["epochs"] or saved.epochs, max_minutes=values["max_minutes"])
+    data = args.data or EMBEDDED
+    if data != EMBEDDED:
+        data = str(Path(data).resolve())
+    model = args.model or "bahdanau"
+    kind = "embedded" if data == EMBEDDED else "file"
+    preset = PRESETS[(kind, "transformer" if model == "transformer" else "rnn")]
+    values = {"data": data, "model": model, **preset}
     values.update({k: getattr(args, k) for k in (*OPTIONS, *FLAGS) if getattr(args, k, None) is not None})
     return TrainConfig.from_dict(values)
+
+
+def _changed_on_resume(args, saved) -> list[str]:
+    """The options given with ``--resume`` that differ from the saved run (``--flag value (saved X)``)."""
+    out = []
+    for name in ("data", "model", *OPTIONS, *FLAGS):
+        given = getattr(args, name, None)
+        if given is None or name in RESUME_MAY_CHANGE:
+            continue
+        was = getattr(saved, name)
+        if name == "data" and given != "embedded":  # a first-format run may hold a relative path
+            given, was = str(Path(given).resolve()), str(Path(was).resolve()) if was != "embedded" else was
+        if given != was:
+            flag = "--" + name.replace("_", "-")
+            out.append(f"{flag} {given} (saved {getattr(saved, name)})" if name not in FLAGS else
+                       f"{flag} (saved {getattr(saved, name)})")
+    return out
 
 
 def _print_metrics(result: dict) -> None:
@@ -126,57 +172,51 @@ def _print_metrics(result: dict) -> None:
     print(f"  {'held-out sentences':>19}: {result['sentences']} ({result['pairs']} pairs, {result['decoding']})")
 
 
-def _check_args(args) -> int | None:
-    if getattr(args, "beam", 1) < 1:
-        return _fail(f"--beam must be >= 1, got {args.beam}", 2)
-    if (getattr(args, "warmup_steps", None) or 0) < 0:
-        return _fail(f"--warmup-steps must be >= 0, got {args.warmup_steps}", 2)
-    for name in ("epochs", "batch_size", "hidden", "num_layers", "num_heads", "max_len"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}", 2)
-    return None
-
-
 @_guarded
 def cmd_train(args) -> int:
-    import torch
+    from attnkit.tasks.translate.runlock import run_lock
 
-    from attnkit.tasks.translate.evaluate import evaluate, write_report
-    from attnkit.tasks.translate.train import train
-
-    bad = _check_args(args)
-    if bad is not None:
-        return bad
-    if args.data != "embedded" and not Path(args.data).is_file():
+    if args.resume and args.overwrite:
+        return _fail("--resume and --overwrite exclude each other", 2)
+    if args.data not in (None, "embedded") and not Path(args.data).is_file():
         return _fail(f"{args.data}: data file not found (use --data embedded for the built-in task)")
     try:
         cfg = build_config(args)
     except (ValueError, TypeError) as exc:
         return _fail(str(exc), 2)
-    threads = args.threads if args.threads is not None else (1 if args.data == "embedded" else None)
-    if threads is not None:
-        if threads < 1:
-            return _fail(f"--threads must be >= 1, got {threads}", 2)
-        torch.set_num_threads(threads)
-    out = Path(args.out)
-    if args.resume and args.overwrite:
-        return _fail("--resume and --overwrite exclude each other", 2)
-    from attnkit.tasks.translate.checkpoint import load_checkpoint
+    with run_lock(args.out):  # held until training ends: a second trainer on this --out is refused
+        return _train_locked(args, cfg, Path(args.out))
+
+
+def _train_locked(args, cfg, out: Path) -> int:
+    from attnkit.tasks.translate.checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint
+    from attnkit.tasks.translate.config import TrainConfig
+    from attnkit.tasks.translate.evaluate import evaluate, write_report
+    from attnkit.tasks.translate.train import train
 
     again = False  # a finished run with this very config: evaluate it again instead of refusing
-    if args.resume and args.epochs is None:
+    if args.resume:
         meta, _ = load_checkpoint(out)
-        cfg = dataclasses.replace(cfg, epochs=meta["train"]["epochs"])
-    elif not args.resume and (out / "checkpoint.json").exists() and not args.overwrite:
+        saved = TrainConfig.from_dict(meta["train"])
+        changed = _changed_on_resume(args, saved)
+        if changed:
+            return _fail(f"--resume continues the run saved in {out} with its own options; these differ from it: "
+                         f"{', '.join(changed)}. Only --epochs and --max-minutes may change on --resume; drop "
+                         "the others, or start a new run with --overwrite or another --out", 2)
+        cfg = build_config(args, saved)
+    elif has_checkpoint(out) and not args.overwrite:
         meta, _ = load_checkpoint(out)
-        if meta.get("status") != "done" or meta.get("train") != dataclasses.asdict(cfg):
+        if meta.get("status") != "done" or TrainConfig.from_dict(meta["train"]) != cfg:
             return _fail(f"{out}: already holds another or an unfinished run; continue it with --resume, "
                          "start over with --overwrite, or choose another --out")
         again = args.resume = True
     elif args.overwrite:
-        for name in ("checkpoint.json", "weights.safetensors"):
-            (out / name).unlink(missing_ok=True)
+        remove_checkpoint(out)
+    threads = args.threads if args.threads is not None else (1 if cfg.data == "embedded" else None)
+    if threads is not None:  # decided on the run's own data (a resumed run's, not the command line's default)
+        import torch
+
+        torch.set_num_threads(threads)
     what = f"{cfg.model} on {'the embedded date task' if cfg.data == 'embedded' else cfg.data}"
     if again:
         print(f"{out} already holds this finished run: evaluating it again (--overwrite retrains)")
@@ -184,6 +224,10 @@ def cmd_train(args) -> int:
         print(f"training {what} -> {out} ({'resuming' if args.resume else f'{cfg.epochs} epochs'}, Ctrl-C "
               "saves and stops)", flush=True)
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    skipped = result["skipped"]
+    if skipped["train"] or skipped["valid"]:
+        print(f"skipped {skipped['train']} training and {skipped['valid']} validation pairs longer than "
+              f"{skipped['max_train_len']} tokens on a side (--max-train-len)")
     hist = result["history"]
     if hist:
         last = hist[-1]
@@ -217,11 +261,11 @@ def cmd_eval(args) -> int:
     from attnkit.tasks.translate.evaluate import evaluate, write_report
     from attnkit.tasks.translate.train import TrainConfig, load_splits
 
-    bad = _check_args(args)
-    if bad is not None:
-        return bad
     model, meta, src_vocab, tgt_vocab = load_trained(args.run)
     cfg = TrainConfig.from_dict(meta["train"])
+    if not args.data and cfg.data != "embedded" and not Path(cfg.data).is_file():
+        return _fail(f"{cfg.data}: the run's data file is not found (a relative path is relative to the "
+                     "directory training ran in); run from there, or give the file with --data")
     pairs = load_pairs(args.data) if args.data else load_splits(cfg)["test"]
     metrics, samples = evaluate(model, pairs, src_vocab, tgt_vocab, beam=args.beam, max_len=cfg.max_len)
     out = Path(args.out or args.run)
@@ -235,19 +279,16 @@ def cmd_eval(args) -> int:
 @_guarded
 def cmd_predict(args) -> int:
     from attnkit.tasks.translate.checkpoint import load_trained
+    from attnkit.tasks.translate.data import text_lines
     from attnkit.tasks.translate.evaluate import translate_tokens
     from attnkit.tasks.translate.tokenize import detokenize, tokenize
     from attnkit.tasks.translate.train import TrainConfig
 
-    if args.beam < 1:
-        return _fail(f"--beam must be >= 1, got {args.beam}", 2)
-    if args.html is not None and (Path(args.html).suffix.lower() not in (".html", ".htm") or Path(args.html).is_dir()):
-        return _fail(f"--html must name an .html file to write, got {args.html!r}", 2)
     model, meta, src_vocab, tgt_vocab = load_trained(args.run)
     if args.sentences:
         lines = [(f"sentence {i}", s) for i, s in enumerate(args.sentences, 1)]
     else:
-        lines = [(f"<stdin>:{i}", s) for i, s in enumerate(sys.stdin.read().splitlines(), 1) if s.strip()]
+        lines = [(f"<stdin>:{i}", s) for i, s in enumerate(text_lines(sys.stdin.read()), 1) if s.strip()]
     if not lines:
         return _fail("no sentence to translate: give sentences as arguments or one per line on stdin", 2)
     tokens = []

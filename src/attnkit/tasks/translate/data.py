@@ -37,7 +37,9 @@ class Pair:
     """One sentence pair.
 
     ``align[j]`` is the tuple of source positions that target token ``j`` translates (gold alignment), or
-    ``None`` when it is not known (real data). ``line`` is the 1-based line in the file it came from.
+    ``None`` when it is not known (real data). ``line`` is the 1-based line in the file it came from; a pair read
+    from a file keeps its two sentences as written in ``extra["src_text"]`` / ``extra["tgt_text"]`` (what a
+    subword vocabulary learns from).
     """
 
     src: list[str]
@@ -117,6 +119,15 @@ def embedded_pairs(lang: str = "fr") -> list[Pair]:
     return pairs
 
 
+def text_lines(text: str) -> list[str]:
+    """Split on line feeds only (and drop a carriage return before one): ``str.splitlines`` would also cut
+    at a form feed, a vertical tab or U+2028 inside a sentence."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def load_pairs(path: str | Path, *, lowercase: bool = True, max_pairs: int | None = None) -> list[Pair]:
     """Read ``source<TAB>target[<TAB>attribution]`` lines (Tatoeba / manythings.org format).
 
@@ -141,7 +152,7 @@ def load_pairs(path: str | Path, *, lowercase: bool = True, max_pairs: int | Non
         raise TranslateError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); "
                              "expected UTF-8 source<TAB>target lines") from None
     pairs: list[Pair] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         cols = line.split("\t")
@@ -152,7 +163,7 @@ def load_pairs(path: str | Path, *, lowercase: bool = True, max_pairs: int | Non
         if not src or not tgt:
             side = "source" if not src else "target"
             raise TranslateError(f"{path}:{lineno}: the {side} sentence is empty: {line[:60]!r}")
-        pairs.append(Pair(src, tgt, None, lineno))
+        pairs.append(Pair(src, tgt, None, lineno, {"src_text": cols[0], "tgt_text": cols[1]}))
         if max_pairs is not None and len(pairs) >= max_pairs:
             break
     if not pairs:

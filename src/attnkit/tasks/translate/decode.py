@@ -6,6 +6,17 @@ import torch
 
 from attnkit.tasks.translate.models.base import Seq2Seq
 
+PAD = 0  # the padding id of every vocabulary here
+
+
+def _never_pad_or_bos(logits: torch.Tensor, bos: int) -> torch.Tensor:
+    """``<pad>`` and ``<bos>`` are never outputs: an untrained model that ranks them first would otherwise give
+    output ids that decode to fewer words than it took steps (and attention rows)."""
+    logits = logits.clone()
+    logits[..., PAD] = float("-inf")
+    logits[..., bos] = float("-inf")
+    return logits
+
 
 @torch.no_grad()
 def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, *, bos: int, eos: int,
@@ -27,7 +38,7 @@ def greedy(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, *, bos: in
     ids, weights = [], []
     for _ in range(max_len):
         logits, state, w = model.step(y, state)  # (B, V), state, (B, S)
-        y = logits.argmax(-1)  # (B,)
+        y = _never_pad_or_bos(logits, bos).argmax(-1)  # (B,)
         ids.append(torch.where(done, torch.full_like(y, eos), y))
         weights.append(w)
         done |= y == eos
@@ -76,7 +87,8 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, *, bo
     for t in range(max_len):
         logits, state, w = model.step(y, state)  # (K, V), state, (K, S_pad)
         hist = torch.cat([hist, w[:, None, :S].float()], dim=1)  # (K, t + 1, S)
-        cand = (logps[:, None] + logits.float().log_softmax(-1)).flatten()  # (K * V)
+        # the model's own log-probabilities; <pad>/<bos> are only taken out of the choice
+        cand = _never_pad_or_bos(logps[:, None] + logits.float().log_softmax(-1), bos).flatten()  # (K * V)
         V = logits.shape[-1]
         order = cand.argsort(descending=True)
         keep_rows, keep_tok, keep_lp = [], [], []

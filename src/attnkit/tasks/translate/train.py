@@ -13,69 +13,21 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from attnkit.tasks.translate import checkpoint as ckpt
+from attnkit.tasks.translate.config import EMBEDDED, SCHEDULES, TrainConfig
 from attnkit.tasks.translate.data import Pair, embedded_pairs, load_pairs, split_pairs
 from attnkit.tasks.translate.errors import TranslateError
 from attnkit.tasks.translate.models import build_model
-from attnkit.tasks.translate.models.base import token_loss
-from attnkit.tasks.translate.vocab import Vocab
+from attnkit.tasks.translate.models.base import check_model_memory, token_loss
+from attnkit.tasks.translate.vocab import SPECIALS, Vocab
 
 log = logging.getLogger(__name__)
-EMBEDDED = "embedded"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (saved in the checkpoint JSON)."""
-
-    data: str = EMBEDDED  # "embedded" or a path to a source<TAB>target file
-    lang: str = "fr"  # target language of the embedded task: fr | de
-    max_pairs: int | None = None  # keep the first N pairs of a data file
-    model: str = "bahdanau"  # bahdanau | luong | transformer
-    score: str = "general"  # luong only: dot | general
-    bidirectional: bool = False  # GRU models: read the source in both directions (Bahdanau et al.)
-    embed_dim: int = 32
-    hidden: int = 64
-    num_layers: int = 1
-    dropout: float = 0.1
-    num_heads: int = 4
-    ff_dim: int = 256
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 5e-3  # peak learning rate
-    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many optimizer steps
-    schedule: str = "constant"  # after warm-up: "constant" or "linear" (decay to 0 at the end of the last epoch)
-    clip: float = 1.0
-    label_smoothing: float = 0.0
-    seed: int = 0
-    split_seed: int = 0
-    valid_frac: float = 0.05
-    test_frac: float = 0.1
-    min_freq: int = 1
-    max_len: int = 40
-    max_minutes: float | None = None  # stop (and save) after this much training time
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; expected some of {sorted(names)}")
-        cfg = cls(**d)
-        if cfg.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-        if cfg.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
-        return cfg
-
-
-SCHEDULES = ("constant", "linear")
+__all__ = ["EMBEDDED", "SCHEDULES", "TrainConfig", "train", "load_splits"]  # the config moved to config.py
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -99,11 +51,12 @@ def load_splits(cfg: TrainConfig) -> dict[str, list[Pair]]:
     return split_pairs(pairs, seed=cfg.split_seed, valid_frac=cfg.valid_frac, test_frac=cfg.test_frac)
 
 
-def model_config(cfg: TrainConfig, src_vocab: Vocab, tgt_vocab: Vocab) -> dict:
+def model_config(cfg: TrainConfig, src_vocab: Vocab, tgt_vocab: Vocab, train_len: int = 0) -> dict:
+    """The model's JSON config; its positions cover decoding (``max_len``) and training pairs (``train_len``)."""
     return {"kind": cfg.model, "src_vocab": len(src_vocab), "tgt_vocab": len(tgt_vocab),
             "embed_dim": cfg.embed_dim, "hidden": cfg.hidden, "num_layers": cfg.num_layers,
             "dropout": cfg.dropout, "num_heads": cfg.num_heads, "ff_dim": cfg.ff_dim,
-            "max_len": max(256, cfg.max_len + 2), "score": cfg.score,
+            "max_len": max(256, cfg.max_len + 2, train_len + 2), "score": cfg.score,
             "bidirectional": cfg.bidirectional}
 
 
@@ -127,11 +80,14 @@ def collate(items: list[tuple[list[int], list[int]]], bos: int, eos: int, pad: i
     return src, src_lens, tgt_in, tgt_out
 
 
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, max_tokens: int | None = None,
+                  costs: list[tuple[int, int]] | None = None) -> list[list[int]]:
     """The batches (lists of pair indices) of ``epoch``: a function of ``(seed, epoch)`` only.
 
     Pairs are shuffled, cut into pools of 50 batches, sorted by length inside a pool (less padding), cut
-    into batches, and the batches shuffled again.
+    into batches, and the batches shuffled again. With ``max_tokens`` and ``costs`` (per pair its source and
+    target lengths), a batch whose padded size ``B * (S + T + 1)`` would exceed ``max_tokens`` is cut in
+    halves until it fits, so memory per step is bounded whatever the lengths.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()
@@ -139,9 +95,36 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     batches = []
     for i in range(0, len(order), pool):
         chunk = sorted(order[i: i + pool], key=lambda j: lengths[j])
-        batches.extend(chunk[k: k + batch_size] for k in range(0, len(chunk), batch_size))
+        for k in range(0, len(chunk), batch_size):
+            batches.extend(_fit(chunk[k: k + batch_size], max_tokens, costs))
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
+
+
+def _fit(batch: list[int], max_tokens: int | None, costs: list[tuple[int, int]] | None) -> list[list[int]]:
+    if max_tokens is None or costs is None or len(batch) == 1:
+        return [batch]
+    padded = len(batch) * (max(costs[j][0] for j in batch) + max(costs[j][1] for j in batch) + 1)
+    if padded <= max_tokens:
+        return [batch]
+    half = len(batch) // 2
+    return _fit(batch[:half], max_tokens, costs) + _fit(batch[half:], max_tokens, costs)
+
+
+def train_length_limit(cfg: TrainConfig, pairs: list[Pair]) -> int:
+    """``cfg.max_train_len``, or sized for the data: 4 x the 90th percentile of the longer side, at least 64 (so
+    ordinary sentences are all kept and only outliers, such as a whole document on one line, are skipped; the
+    percentile ignores up to a tenth of outliers, even in a small file)."""
+    if cfg.max_train_len is not None:
+        return cfg.max_train_len
+    longest = sorted(max(len(p.src), len(p.tgt)) for p in pairs) or [0]
+    return max(64, 4 * longest[int(0.9 * (len(longest) - 1))])
+
+
+def skip_long(pairs: list[Pair], limit: int) -> tuple[list[Pair], int]:
+    """The pairs whose both sides have at most ``limit`` tokens, and how many were skipped."""
+    kept = [p for p in pairs if len(p.src) <= limit and len(p.tgt) <= limit]
+    return kept, len(pairs) - len(kept)
 
 
 def masked_loss(logits: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float = 0.0):
@@ -199,19 +182,56 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     ``status`` is ``"done"``, ``"interrupted"`` (Ctrl-C) or ``"time limit"``; in every case the checkpoint in
     ``run_dir`` holds the last finished step. ``on_step(global_step)`` is called after every optimizer step.
     """
-    run_dir = Path(run_dir)
+    from attnkit.tasks.translate.runlock import run_lock
+
+    with run_lock(run_dir):  # one trainer per run directory, until this one ends (kill -9 included)
+        return _train(cfg, Path(run_dir), resume=resume, progress=progress, on_step=on_step)
+
+
+def _check_data(cfg: TrainConfig, splits: dict[str, list[Pair]], src_vocab: Vocab, tgt_vocab: Vocab) -> None:
+    """Refuse, before training, data that leaves no training pair, no held-out sentence or no vocabulary."""
+    n = sum(len(v) for v in splits.values())
+    if not splits["train"]:
+        raise TranslateError(f"{cfg.data}: no training pairs left after the split ({n} pairs, valid_frac "
+                             f"{cfg.valid_frac}, test_frac {cfg.test_frac})")
+    if not splits["test"]:
+        raise TranslateError(f"{cfg.data}: {n} pairs are too few for a held-out test split of test_frac "
+                             f"{cfg.test_frac} (it rounds to 0 source sentences); use more data or a larger "
+                             "--test-frac")
+    for side, vocab in (("source", src_vocab), ("target", tgt_vocab)):
+        if len(vocab) == len(SPECIALS):
+            raise TranslateError(f"{cfg.data}: min_freq {cfg.min_freq} keeps no {side} word of the training "
+                                 "split (every word is rarer); lower --min-freq")
+
+
+def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_step) -> dict:
     if resume:
         meta, tensors = ckpt.load_checkpoint(run_dir)
+        ckpt.collect_garbage(run_dir)  # what a killed trainer left behind (we hold the lock)
         saved = TrainConfig.from_dict(meta["train"])
         cfg = dataclasses.replace(saved, epochs=cfg.epochs, max_minutes=cfg.max_minutes)
         src_vocab, tgt_vocab = Vocab(meta["src_vocab"]), Vocab(meta["tgt_vocab"])
     splits = load_splits(cfg)
+    limit = train_length_limit(cfg, splits["train"])
+    splits["train"], skipped_train = skip_long(splits["train"], limit)
+    splits["valid"], skipped_valid = skip_long(splits["valid"], limit)
+    skipped = {"max_train_len": limit, "train": skipped_train, "valid": skipped_valid}
+    if skipped_train or skipped_valid:
+        log.warning("skipped %d training and %d validation pairs longer than %d tokens (--max-train-len)",
+                    skipped_train, skipped_valid, limit)
     if not resume:
         src_vocab = Vocab.build((p.src for p in splits["train"]), min_freq=cfg.min_freq)
         tgt_vocab = Vocab.build((p.tgt for p in splits["train"]), min_freq=cfg.min_freq)
-    if not splits["train"]:
-        raise TranslateError(f"{cfg.data}: no training pairs left after the split")
-    mcfg = model_config(cfg, src_vocab, tgt_vocab)
+    _check_data(cfg, splits, src_vocab, tgt_vocab)
+    mcfg = model_config(cfg, src_vocab, tgt_vocab, limit)
+    max_tokens = cfg.max_tokens if cfg.max_tokens is not None else cfg.batch_size * (2 * limit + 1)
+    if max_tokens < 2 * limit + 1:
+        raise TranslateError(f"max_tokens {max_tokens} cannot hold one pair of {limit} tokens per side "
+                             f"(--max-train-len); give --max-tokens >= {2 * limit + 1}")
+    try:
+        check_model_memory(mcfg, copies=4)  # weights, gradients and Adam's two moments
+    except ValueError as exc:
+        raise TranslateError(f"{cfg.data}: {exc}") from None
     bos, eos = tgt_vocab.bos_id, tgt_vocab.eos_id
     train_items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in splits["train"]]
     valid_items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in splits["valid"]]
@@ -222,7 +242,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     epoch, start, history, sums = 0, 0, [], {"loss": 0.0, "tokens": 0}
     global_step = 0
     if resume:
-        ckpt.load_model_weights(model, tensors, run_dir / ckpt.WEIGHTS)
+        ckpt.load_model_weights(model, tensors, run_dir / ckpt.MANIFEST)
         opt_state = ckpt.optimizer_state(tensors, meta)
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
@@ -239,20 +259,23 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, meta=meta_out)
 
     lengths = [len(s) + len(t) for s, t in train_items]
-    n_batches = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
+    costs = [(len(s), len(t)) for s, t in train_items]
+    # the schedule's steps per epoch (epochs cut by --max-tokens may differ by a few batches)
+    steps_per_epoch = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, max_tokens, costs))
     t0 = time.perf_counter()
     status = "done"
     model.train()
     with _StopFlag() as stop:
         while epoch < cfg.epochs and status == "done":
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, max_tokens, costs)
+            n_batches = len(batches)
             bar = _progress(n_batches, start, f"epoch {epoch + 1}/{cfg.epochs}", progress)
             t_epoch, tokens_epoch = time.perf_counter(), 0
             for b in range(start, n_batches):
                 batch = [train_items[i] for i in batches[b]]
                 src, src_lens, tgt_in, tgt_out = collate(batch, bos, eos)
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, global_step, n_batches)
+                    group["lr"] = learning_rate(cfg, global_step, steps_per_epoch)
                 loss, n_tok = model.loss(src, src_lens, tgt_in, tgt_out, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 (loss / n_tok).backward()
@@ -287,6 +310,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
                 epoch, start, sums = epoch + 1, 0, {"loss": 0.0, "tokens": 0}
             save(status if status != "done" or epoch < cfg.epochs else "done")
     model.eval()
-    return {"status": status, "history": history, "model": model, "src_vocab": src_vocab,
+    return {"status": status, "history": history, "model": model, "src_vocab": src_vocab, "skipped": skipped,
             "tgt_vocab": tgt_vocab, "config": cfg, "splits": splits,
             "train_seconds": time.perf_counter() - t0}

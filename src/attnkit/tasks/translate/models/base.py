@@ -45,8 +45,51 @@ def token_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: floa
     return loss, int((target != 0).sum())
 
 
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model_memory(config: dict, *, copies: int = 1, limit: int | None = None) -> int:
+    """Bytes the model of ``config`` needs (``copies`` float32 copies of its tensors: 1 to use it, 4 to train
+    it with Adam: weights, gradients, two moments); raise ValueError when that exceeds ``limit`` (default: the
+    machine's RAM). The count comes from building the model on the ``meta`` device, which allocates nothing."""
+    with torch.device("meta"):
+        model = _build(config)
+    numel = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    need = 4 * copies * numel
+    limit = physical_memory() if limit is None else limit
+    if limit is not None and need > limit:
+        sizes = {k: config.get(k) for k in ("src_vocab", "tgt_vocab", "embed_dim", "hidden", "ff_dim",
+                                             "num_layers", "max_len") if k in config}
+        raise ValueError(f"the model config {sizes} needs about {need / 2**30:,.1f} GiB ({numel:,} numbers x "
+                         f"{copies} cop{'y' if copies == 1 else 'ies'} x 4 bytes) but this machine has "
+                         f"{limit / 2**30:,.1f} GiB; choose smaller sizes")
+    return need
+
+
 def build_model(config: dict) -> Seq2Seq:
-    """Build a model from ``config`` (``kind`` plus sizes, as saved in a checkpoint's JSON)."""
+    """Build a model from ``config`` (``kind`` plus sizes, as saved in a checkpoint's JSON).
+
+    Raises:
+        ValueError: an unknown kind, a missing or out-of-range size, or a model too large for this machine's
+            memory (checked before anything is allocated).
+    """
+    check_model_memory(config)
+    return _build(config)
+
+
+_INT_KEYS = ("src_vocab", "tgt_vocab", "embed_dim", "hidden", "num_layers", "num_heads", "ff_dim", "max_len")
+
+
+def _build(config: dict) -> Seq2Seq:
+    if not isinstance(config, dict):
+        raise TypeError(f"model config must be a JSON object; got {type(config).__name__}")
     kind = config.get("kind")
     if kind not in MODEL_KINDS:
         raise ValueError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
@@ -59,6 +102,15 @@ def build_model(config: dict) -> Seq2Seq:
     if missing:
         raise ValueError(f"model config for {kind!r} misses {missing}; got keys {sorted(config)}")
     args = {k: config[k] for k in keys}
+    for k in _INT_KEYS:
+        if k in args and (isinstance(args[k], bool) or not isinstance(args[k], int) or args[k] < 1):
+            raise ValueError(f"model config {k} must be an int >= 1; got {args[k]!r}")
+    if isinstance(args["dropout"], bool) or not isinstance(args["dropout"], (int, float)) \
+            or not 0 <= args["dropout"] < 1:
+        raise ValueError(f"model config dropout must be a number in [0, 1); got {args['dropout']!r}")
+    if kind == "transformer" and args["hidden"] % args["num_heads"]:
+        raise ValueError(f"model config hidden ({args['hidden']}) must be divisible by num_heads "
+                         f"({args['num_heads']})")
     if kind != "transformer":
         args["bidirectional"] = bool(config.get("bidirectional", False))
     if kind == "bahdanau":
