@@ -53,6 +53,9 @@ CASES = {
     "natten": (masks.neighborhood(6, 7, 3), lambda: _natten_ref(6, 7, 3), 42, 42),
     "natten_dilated": (masks.neighborhood(8, 6, 3, dilation=2), lambda: _natten_ref(8, 6, 3, 2), 48, 48),
     "natten_causal": (masks.neighborhood(6, 7, 3, causal=True), lambda: _natten_ref(6, 7, 3, causal=True), 42, 42),
+    "natten_truncated": (masks.neighborhood(6, 7, 3, shift=False), lambda: (
+        ((torch.arange(42)[:, None] // 7 - torch.arange(42)[None, :] // 7).abs() <= 1)
+        & ((torch.arange(42)[:, None] % 7 - torch.arange(42)[None, :] % 7).abs() <= 1)), 42, 42),
     "mask_mod": (masks.mask_mod(lambda b, h, q, kv: (q - kv) % 5 == 0), lambda: (
         (torch.arange(37)[:, None] - torch.arange(37)[None, :]) % 5 == 0), 37, 37),
 }

@@ -32,9 +32,10 @@ def test_kv_cache_step_equals_float64_causal_softmax_oracle(gen):
     attn = SoftmaxSelfAttention(12, 3).double()
     x = torch.randn(2, 9, 12, generator=gen, dtype=torch.float64)
     B, L, E = x.shape
-    q, k, v = attn.qkv(x).view(B, L, 3, 3, 4).permute(2, 0, 3, 1, 4)  # (B, H, L, D)
+    m = attn.mha
+    q, k, v = (proj(x).view(B, L, 3, 4).transpose(1, 2) for proj in (m.q_proj, m.k_proj, m.v_proj))  # (B, H, L, D)
     want, _ = attention_ref(q, k, v, mask=causal_ref(L, L))  # (B, H, L, D)
-    want = attn.out_proj(want.transpose(1, 2).reshape(B, L, E))
+    want = m.out_proj(want.transpose(1, 2).reshape(B, L, E))
     cache = attn.new_cache(B, L, dtype=torch.float64)
     got = []
     for t in range(L):

@@ -14,7 +14,7 @@ import torch
 
 from attnkit.tasks.datasets import fsdd
 from attnkit.tasks.speech_features import log_mel, mel_filterbank
-from attnkit.tasks.speech_model import SpeechTransformer, band_attention
+from attnkit.tasks.speech_model import SpeechEncoderLayer, SpeechTransformer
 from reference import attention_ref, padding_ref, window_ref
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "fsdd" / "recordings"
@@ -84,36 +84,30 @@ def test_log_mel_of_a_tone_peaks_in_the_band_around_it():
     assert int(feats[len(feats) // 2].argmax()) == nearest
 
 
-@pytest.mark.parametrize("left,right,block", [(3, 3, None), (4, 0, 5), (0, 2, 1), (7, 7, 3), (2, 5, 64)])
-def test_band_attention_equals_window_and_padding_mask_oracle(gen, left, right, block):
+@pytest.mark.parametrize("W", [1, 3, 7])
+def test_truncated_layer_attends_through_the_library_mask(gen, W):
+    """The layer's truncated attention is attention(mask=window & padding): equal to the oracle on valid rows."""
+    layer = SpeechEncoderLayer(16, 2, 32, 0.0, window=W)
     q, k, v = (torch.randn(3, 2, 29, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     lengths = torch.tensor([29, 11, 1])
-    got = band_attention(q, k, v, left=left, right=right, lengths=lengths, block=block)
-    mask = window_ref(29, 29, left, right)[None] & padding_ref(lengths, 29, 29)  # (B, L, S)
+    got = layer.attend(q, k, v, lengths)
+    mask = window_ref(29, 29, W, W)[None] & padding_ref(lengths, 29, 29)  # (B, L, S)
     want, _ = attention_ref(q, k, v, mask=mask[:, None])
     assert mask.any() and not mask.all()
-    for b, n in enumerate(lengths.tolist()):  # valid query rows only: padded rows are discarded by design
+    for b, n in enumerate(lengths.tolist()):  # valid query rows only: padded rows are discarded by the pooling
         torch.testing.assert_close(got[b, :, :n], want[b, :, :n], atol=1e-12, rtol=0)
-    # without lengths every row counts
-    torch.testing.assert_close(band_attention(q, k, v, left=left, right=right, block=block),
-                               attention_ref(q, k, v, mask=window_ref(29, 29, left, right))[0], atol=1e-12, rtol=0)
 
 
-def test_band_attention_gradients_match_oracle(gen):
-    q, k, v = (torch.randn(2, 2, 23, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    lengths = torch.tensor([23, 9])
-    w = torch.randn(2, 2, 23, 4, generator=gen, dtype=torch.float64)
-    w[1, :, 9:] = 0.0  # padded query rows are discarded (the model's pooling ignores them)
-    got = torch.autograd.grad((band_attention(q, k, v, left=3, right=2, lengths=lengths, block=4) * w).sum(),
-                              (q, k, v))
-    mask = (window_ref(23, 23, 3, 2)[None] & padding_ref(lengths, 23, 23))[:, None]  # (B, 1, L, S)
-    # differentiable float64 reference: softmax over the allowed keys only, written out
-    scores = q @ k.transpose(-1, -2) / 2.0  # (B, H, L, S), sqrt(D) = 2
-    e = torch.exp(scores - scores.max(-1, keepdim=True).values) * mask
-    ref = (e / e.sum(-1, keepdim=True).clamp_min(1e-300)) @ v  # a row with no allowed key gives 0
-    want = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    for g, r in zip(got, want, strict=True):
-        torch.testing.assert_close(g, r, atol=1e-10, rtol=0)
+def test_window_and_padding_of_long_recordings_run_on_the_sparse_kernel():
+    from attnkit import masks
+    from attnkit.functional import scores
+    from attnkit.kernels import dispatch
+
+    q = torch.zeros(2, 4, 2048, 16)
+    mask = masks.window(16, 16) & masks.padding(torch.tensor([2048, 1500]))
+    req = dict(score=scores.scaled_dot, score_mod=None, mask=mask, bias=None, normalize="softmax", scale=None,
+               dropout_p=0.0, return_weights=False, return_lse=False)
+    assert dispatch.choose(q, q, q, **req) == "blocksparse"
 
 
 def test_truncated_model_is_local_through_gradients():

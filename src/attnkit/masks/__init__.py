@@ -103,9 +103,10 @@ def prefix_lm(prefix_lengths: Tensor | Sequence[int]) -> Mask:
 
 
 def neighborhood(height: int, width: int, kernel: int | tuple[int, int], *, dilation: int | tuple[int, int] = 1,
-                 causal: bool = False) -> Neighborhood:
-    """2-D neighbourhood attention (NATTEN) over a ``height x width`` grid flattened row-major."""
-    return Neighborhood(height, width, kernel, dilation=dilation, causal=causal)
+                 causal: bool = False, shift: bool = True) -> Neighborhood:
+    """2-D neighbourhood attention (NATTEN) over a ``height x width`` grid flattened row-major (``shift=False``:
+    truncated at the borders, a 'same'-padded convolution's receptive field)."""
+    return Neighborhood(height, width, kernel, dilation=dilation, causal=causal, shift=shift)
 
 
 def mask_mod(fn: Callable, B: int | None = None, H: int | None = None) -> MaskMod:

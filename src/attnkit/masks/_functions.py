@@ -153,10 +153,12 @@ class Neighborhood(Mask):
     """2-D neighbourhood attention over a ``height x width`` grid flattened row-major (NATTEN): query ``(x, y)``
     sees the ``kernel x kernel`` keys around it, the window shifted inward at the borders so every query sees
     ``kernel^2`` keys; with ``dilation`` d, the neighbours are every d-th position (same residue mod d);
-    ``causal=True`` keeps only keys at or before the query along each axis (the window ends at the query)."""
+    ``causal=True`` keeps only keys at or before the query along each axis (the window ends at the query).
+    ``shift=False`` truncates the window at the borders instead (the receptive field of a ``kernel x kernel``
+    convolution with 'same' padding: border queries see fewer keys)."""
 
     def __init__(self, height: int, width: int, kernel: int | tuple[int, int], *,
-                 dilation: int | tuple[int, int] = 1, causal: bool = False):
+                 dilation: int | tuple[int, int] = 1, causal: bool = False, shift: bool = True):
         self.height, self.width = check_int("height", height, minimum=1), check_int("width", width, minimum=1)
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
         dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
@@ -165,9 +167,9 @@ class Neighborhood(Mask):
         for name, n, k, d in (("height", height, kh, dh), ("width", width, kw, dw)):
             if not causal and k % 2 == 0:
                 raise ValueError(f"kernel must be odd (a window centred on the query); got {k}.")
-            if k * d > n:
+            if shift and k * d > n:
                 raise ValueError(f"kernel * dilation = {k * d} must be <= {name} = {n}.")
-        self.causal = bool(causal)
+        self.causal, self.shift = bool(causal), bool(shift)
 
     def _axis(self, q: Tensor, k: Tensor, n: int, kern: int, d: int) -> Tensor:
         g = q % d  # dilation group of the query
@@ -175,8 +177,10 @@ class Neighborhood(Mask):
         qg, kg = q // d, k // d  # coordinates inside the group
         if self.causal:
             return same & (kg <= qg) & (kg > qg - kern)
-        size = (n - g + d - 1) // d  # positions in the group
         r = kern // 2
+        if not self.shift:
+            return same & ((qg - kg).abs() <= r)
+        size = (n - g + d - 1) // d  # positions in the group
         centre = torch.minimum(torch.maximum(qg, torch.full_like(qg, r)), size - 1 - r)
         return same & ((centre - kg).abs() <= r)
 
@@ -196,6 +200,8 @@ class Neighborhood(Mask):
         g, xg = x % d, x // d
         size = (self.height - g + d - 1) // d
         r = k // 2
+        if not self.shift:
+            return x - r * d, x + r * d
         centre = torch.minimum(torch.maximum(xg, torch.full_like(xg, r)), size - 1 - r)
         return (centre - r) * d + g, (centre + r) * d + g
 
@@ -219,7 +225,7 @@ class Neighborhood(Mask):
 
     def __repr__(self) -> str:
         return (f"neighborhood({self.height}, {self.width}, kernel={self.kernel}, dilation={self.dilation}"
-                f"{', causal=True' if self.causal else ''})")
+                f"{', causal=True' if self.causal else ''}{', shift=False' if not self.shift else ''})")
 
 
 class _Preplanned(MaskMod):

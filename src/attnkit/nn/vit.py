@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnkit import masks
 from attnkit.functional.positional import sinusoidal_table
 from attnkit.nn.transformer import TransformerEncoderLayer
 
@@ -96,12 +97,11 @@ def neighbourhood_mask(grid_h: int, grid_w: int, k: int, *, cls_token: bool = Tr
     _check_pos_int("k", k)
     if k % 2 == 0:
         raise ValueError(f"k must be odd (a centred k x k neighbourhood); got {k}")
-    r = torch.arange(grid_h).repeat_interleave(grid_w)  # (P,) row of each patch
-    c = torch.arange(grid_w).repeat(grid_h)  # (P,) column of each patch
-    local = ((r[:, None] - r[None, :]).abs() <= k // 2) & ((c[:, None] - c[None, :]).abs() <= k // 2)  # (P, P)
+    P = grid_h * grid_w
+    # |r - r'| <= k // 2 and |c - c'| <= k // 2: the library's 2-D neighbourhood, truncated at the borders
+    local = masks.neighborhood(grid_h, grid_w, k, shift=False).materialize(P, P)  # (P, P)
     if not cls_token:
         return local
-    P = grid_h * grid_w
     mask = torch.zeros(P + 1, P + 1, dtype=torch.bool)
     mask[0, :] = True  # the class token reads every token
     mask[1:, 1:] = local  # patches read their neighbourhood only

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from attnkit import masks
-from attnkit.functional import attention
 from attnkit.functional.positional import sinusoidal_table
 from attnkit.nn.linear_attention import LinearAttention
+from attnkit.nn.multihead import MultiHeadAttention
 
 ATTENTION_KINDS = ("linear", "softmax")
 
@@ -37,7 +37,9 @@ class KVCache:
 
 
 class SoftmaxSelfAttention(nn.Module):
-    """Causal multi-head softmax self-attention with a key/value cache for generation.
+    """Causal multi-head softmax self-attention (:class:`attnkit.nn.MultiHeadAttention`) with a preallocated
+    key/value cache for generation: each step projects only the new token (``project_kv``) and attends over the
+    cached keys (``forward(kv=...)``).
 
     ``out = W_o concat_h softmax(Q_h K_h^T / sqrt(D), causal) V_h``.
 
@@ -47,34 +49,26 @@ class SoftmaxSelfAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int) -> None:
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"num_heads must divide embed_dim; got {num_heads} and {embed_dim}")
-        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.mha = MultiHeadAttention(embed_dim, num_heads)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, L, E = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, D)
-        out = attention(q, k, v, mask=masks.causal())  # (B, H, L, D)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, E))  # (B, L, E)
+        return self.mha(x, mask=masks.causal())  # (B, L, E)
 
     def new_cache(self, batch: int, capacity: int, *, dtype=None, device=None) -> KVCache:
-        shape = (batch, self.num_heads, capacity, self.head_dim)
+        shape = (batch, self.mha.num_kv_heads, capacity, self.mha.head_dim)
         return KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
 
     def step(self, x_t: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
-        B, E = x_t.shape
         t = cache.length
         if t >= cache.k.shape[2]:
             raise ValueError(f"KV cache is full ({cache.k.shape[2]} tokens); build it with a larger capacity")
-        q, k, v = self.qkv(x_t).view(B, 3, self.num_heads, 1, self.head_dim).unbind(1)  # (B, H, 1, D) each
+        k, v = self.mha.project_kv(x_t[:, None])  # (B, G, 1, D) each
         cache.k[:, :, t:t + 1] = k
         cache.v[:, :, t:t + 1] = v
         cache.length = t + 1
         # the new token attends to every cached token (all are in its past): no mask needed
-        out = attention(q, cache.k[:, :, : t + 1], cache.v[:, :, : t + 1])  # (B, H, 1, D)
-        return self.out_proj(out.reshape(B, E)), cache  # (B, E)
+        out = self.mha(x_t[:, None], kv=(cache.k[:, :, : t + 1], cache.v[:, :, : t + 1]))  # (B, 1, E)
+        return out[:, 0], cache  # (B, E)
 
 
 class Block(nn.Module):

@@ -38,8 +38,6 @@ def register(subparsers) -> None:
     p.add_argument("--window", type=A.nonnegative_int, default=16,
                    help="truncated attention: each frame sees ±WINDOW frames (5 ms each); 0 = full attention only")
     p.add_argument("--full", action="store_true", help="train only the full-attention model")
-    p.add_argument("--impl", choices=("blocked", "mask"), default="blocked",
-                   help="truncated attention by blocks (default) or one window-mask call to attnkit.attention")
     p.add_argument("--epochs", type=A.positive_int, default=None, help="default 15 (--quick: 1)")
     p.add_argument("--batch-size", type=A.positive_int, default=32)
     p.add_argument("--lr", type=A.positive_float, default=2e-3)
@@ -105,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)  # same initial weights and batch order for both variants
         model = SpeechTransformer(config.n_mels, embed_dim=args.embed_dim, num_heads=args.heads,
                                   num_layers=args.layers, ff_dim=2 * args.embed_dim, dropout=args.dropout,
-                                  window=window, impl=args.impl)
+                                  window=window)
         weights = out / f"model-{name}.safetensors"
         if args.measure_only:
             _load_weights(model, weights)
@@ -123,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     lengths = [f.shape[0] for f in test.feats]
     metrics = {
         "task": "speech", "data": str(args.data), "seed": args.seed, "quick": bool(args.quick),
-        "features": vars(config) if hasattr(config, "__dict__") else {}, "impl": args.impl,
+        "features": vars(config) if hasattr(config, "__dict__") else {},
         "model": {"embed_dim": args.embed_dim, "heads": args.heads, "layers": args.layers},
         "train_files": len(train), "test_files": len(test), "epochs": args.epochs, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(),
