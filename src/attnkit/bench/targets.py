@@ -255,7 +255,9 @@ def evaluate(results: list[dict]) -> list[dict]:
 def format_summary(verdicts: list[dict], *, quick: bool = False) -> str:
     """The PASS/MISS block printed under the table: one line per target, then the counts."""
     width = max(len(v["target"]) for v in verdicts)
-    head = "Done when (issue 5; [11] = issue 11)" + (" -- judged at --quick sizes, NOT the issue's settings" if quick else "")
+    head = "Done when (issue 5; [11] = issue 11)"
+    if quick:
+        head += " -- judged at --quick sizes, NOT the issue's settings"
     lines = [head]
     for v in verdicts:
         lines.append(f"{v['verdict']:<4}  {v['target']:<{width}}  {v['measured']}")
