@@ -10,6 +10,7 @@ backend         serves
 ``graph``       dot-product softmax with a graph mask: attention along the edge list, O(E)
 ``window``      dot-product softmax with a band mask (both widths finite), strided key views
 ``blocksparse`` dot-product softmax with any mask: only the non-empty tiles of the mask's plan
+``banded``      dot-product softmax with a mask inside a band (``window & padding``) below 512 x 512 pairs
 ``tiled``       dot-product softmax with a ``score_mod`` and any mask, tile by tile (FlexAttention's model)
 ``sdpa``        dot-product softmax with no mask, full, causal, padding or dense masks (PyTorch's fused kernel)
 ``chunked``     any position-independent score callable and bias with softmax: online softmax over key chunks
@@ -18,19 +19,20 @@ backend         serves
 
 ``auto`` rules (each kernel's ``suits``): a graph mask goes to ``graph``; a narrow window (at most a quarter of
 the keys) from 256 x 256 pairs to ``window``; masks whose plan keeps at most 30 % of the tiles, from 512 x 512
-pairs, to ``blocksparse``; a ``score_mod`` from 128 x 128 pairs to ``tiled``; otherwise ``sdpa`` when it can
+pairs, to ``blocksparse``; a mask inside a narrow band (not a plain window) below that, to ``banded``; a
+``score_mod`` from 128 x 128 pairs to ``tiled``; otherwise ``sdpa`` when it can
 serve, ``chunked`` for other scores or biases from 512 x 512 pairs, else ``math``. Under ``torch.compile`` /
 ``torch.export`` tracing only ``sdpa`` and ``math`` are chosen (no data-dependent branch).
 """
 
 from __future__ import annotations
 
-from attnkit.kernels import blocksparse, chunked, graph, math, sdpa, tiled, window
+from attnkit.kernels import banded, blocksparse, chunked, graph, math, sdpa, tiled, window
 from attnkit.masks._base import tracing
 
-BACKENDS = {"graph": graph, "window": window, "blocksparse": blocksparse, "tiled": tiled, "sdpa": sdpa,
-            "chunked": chunked, "math": math}
-AUTO_ORDER = ("graph", "window", "blocksparse", "tiled", "sdpa", "chunked", "math")
+BACKENDS = {"graph": graph, "window": window, "blocksparse": blocksparse, "banded": banded, "tiled": tiled,
+            "sdpa": sdpa, "chunked": chunked, "math": math}
+AUTO_ORDER = ("graph", "window", "blocksparse", "banded", "tiled", "sdpa", "chunked", "math")
 TRACEABLE = ("sdpa", "math")
 
 

@@ -106,6 +106,12 @@ class Mask:
         finite widths and ``shift = S - L`` (bottom-right), else None. The window kernel serves such masks."""
         return None
 
+    def band(self) -> tuple[int, int] | None:
+        """``(left, right)`` such that every allowed pair lies in the bottom-right band ``i' - left <= j <= i' +
+        right`` (``i' = i + S - L``): a bound, not the mask (``window(16, 16) & padding(n)`` is within the band
+        ``(16, 16)``), or None when no finite band bounds it."""
+        return None
+
     def edges(self, N: int) -> Tensor | None:
         """The ``(2, E)`` edge list (row 0 source = key, row 1 target = query) if the mask is a graph."""
         return None

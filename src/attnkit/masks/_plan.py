@@ -163,6 +163,9 @@ class BlockMask(Mask):
             return None
         return self.remember(("band",), lambda: _band_of(self))
 
+    def band(self):
+        return self.window() or (self.mask.band() if self.mask is not None else None)
+
     def edges(self, N):
         return self.mask.edges(N) if self.mask is not None else None
 

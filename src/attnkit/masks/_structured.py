@@ -96,6 +96,9 @@ class Window(Mask):
             return None
         return self.left, self.right
 
+    def band(self):
+        return self.window()
+
     @property
     def is_full(self) -> bool:
         return self.left is None and self.right is None
@@ -379,6 +382,12 @@ class And(_Combined):
         b = self.b.unused_keys(L, S, batch_ndim, device)
         return a if b is None else b if a is None else a | b
 
+    def band(self):
+        a, b = self.a.band(), self.b.band()
+        if a is None or b is None:
+            return a or b
+        return min(a[0], b[0]), min(a[1], b[1])
+
     @property
     def is_full(self) -> bool:
         return self.a.is_full and self.b.is_full
@@ -406,6 +415,10 @@ class Or(_Combined):
         a = self.a.unused_keys(L, S, batch_ndim, device)
         b = self.b.unused_keys(L, S, batch_ndim, device)
         return None if a is None or b is None else a & b
+
+    def band(self):
+        a, b = self.a.band(), self.b.band()
+        return None if a is None or b is None else (max(a[0], b[0]), max(a[1], b[1]))
 
     @property
     def is_full(self) -> bool:

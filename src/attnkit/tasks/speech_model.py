@@ -41,18 +41,22 @@ class SpeechEncoderLayer(nn.Module):
                                 nn.Linear(ff_dim, embed_dim))
         self.dropout = nn.Dropout(dropout)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor) -> Tensor:
-        """Attention of ``(B, H, L, D)`` heads under this layer's mask."""
+    def mask(self, lengths: Tensor) -> masks.Mask:
+        """This layer's mask: key padding, and the band ``±window`` when truncated. Build it once per batch and
+        pass it to every layer: the mask remembers what it derives (its dense form for SDPA, its tiles)."""
         W = self.window
-        mask = masks.padding(lengths) if W <= 0 else masks.window(W, W) & masks.padding(lengths)
-        return attention(q, k, v, mask=mask)  # (B, H, L, D)
+        return masks.padding(lengths) if W <= 0 else masks.window(W, W) & masks.padding(lengths)
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, mask: masks.Mask | None = None) -> Tensor:
+        """Attention of ``(B, H, L, D)`` heads under this layer's mask."""
+        return attention(q, k, v, mask=self.mask(lengths) if mask is None else mask)  # (B, H, L, D)
+
+    def forward(self, x: Tensor, lengths: Tensor, mask: masks.Mask | None = None) -> Tensor:
         B, L, E = x.shape
         H = self.num_heads
         # Q, K, V = LN(x) W^q, LN(x) W^k, LN(x) W^v
         q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, H, E // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D)
-        heads = self.attend(q, k, v, lengths)  # (B, H, L, D)
+        heads = self.attend(q, k, v, lengths, mask)  # (B, H, L, D)
         x = x + self.dropout(self.out_proj(heads.transpose(1, 2).reshape(B, L, E)))  # (B, L, E)
         return x + self.dropout(self.ff(self.norm2(x)))  # (B, L, E)
 
@@ -86,8 +90,9 @@ class SpeechTransformer(nn.Module):
         B, L, _ = feats.shape
         pe = sinusoidal_table(L, self.embed_dim, dtype=feats.dtype, device=feats.device)  # (L, E)
         x = self.embed(feats) + pe[None]  # (B, L, E)
+        mask = self.layers[0].mask(lengths) if len(self.layers) else None  # one mask object for every layer
         for layer in self.layers:
-            x = layer(x, lengths)  # (B, L, E)
+            x = layer(x, lengths, mask)  # (B, L, E)
         valid = (torch.arange(L, device=feats.device)[None, :] < lengths[:, None]).to(x.dtype)  # (B, L)
         pooled = (self.norm(x) * valid[..., None]).sum(1) / lengths.clamp(min=1)[:, None].to(x.dtype)  # (B, E)
         return self.head(pooled)  # (B, num_classes)
