@@ -34,3 +34,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "attnkit"))
 def gen() -> torch.Generator:
     """A seeded CPU generator: tests draw their data from it, never from the global RNG."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """Kernel tests run on every device at hand: the CPU always, CUDA where there is one (skipped otherwise)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    return torch.device(request.param)

@@ -31,15 +31,15 @@ def _mask_for(backend: str):
     return masks.window(W, 0)
 
 
-def _qkv(dtype, gen):
-    return [torch.randn(B, H, L, D, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
+def _qkv(dtype, gen, device):
+    return [torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_() for _ in range(3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_nonfinite_keys_values_and_padded_queries_stay_where_they_belong(backend, dtype, gen):
+def test_nonfinite_keys_values_and_padded_queries_stay_where_they_belong(backend, dtype, gen, device):
     mask = _mask_for(backend)
-    q, k, v = _qkv(dtype, gen)
+    q, k, v = _qkv(dtype, gen, device)
     bad = L - 1  # key/value position seen by the last query only
     with torch.no_grad():
         q_in, k_in, v_in = q.clone(), k.clone(), v.clone()
@@ -48,8 +48,8 @@ def test_nonfinite_keys_values_and_padded_queries_stay_where_they_belong(backend
     q_in.requires_grad_(), k_in.requires_grad_(), v_in.requires_grad_()
     out = attention(q_in, k_in, v_in, mask=mask, backend=backend)
     assert torch.isnan(out[:, :, bad]).all()  # the last query sees them: its output is NaN, as the equation gives
-    ref = attention_ref(q.detach(), k.detach(), v.detach(), mask=window_ref(L, L, W, 0))[0]  # (B, H, L, D)
-    torch.testing.assert_close(out[:, :, :bad].double(), ref[:, :, :bad], atol=TOL[dtype], rtol=TOL[dtype])
+    ref = attention_ref(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), mask=window_ref(L, L, W, 0))[0]
+    torch.testing.assert_close(out[:, :, :bad].double().cpu(), ref[:, :, :bad], atol=TOL[dtype], rtol=TOL[dtype])
     out[:, :, :bad].float().sum().backward()
     for name, t in (("query", q_in), ("key", k_in), ("value", v_in)):
         assert torch.isfinite(t.grad).all(), f"{backend}: a NaN reached the gradient of {name}"
@@ -57,12 +57,12 @@ def test_nonfinite_keys_values_and_padded_queries_stay_where_they_belong(backend
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", sorted(set(BACKENDS) - {"graph"}))
-def test_nan_in_a_padded_query_row_does_not_poison_other_gradients(backend, dtype, gen):
+def test_nan_in_a_padded_query_row_does_not_poison_other_gradients(backend, dtype, gen, device):
     # queries 0..4 see no key (window shifted right past them: keys j <= i - 5), and query 2 holds a NaN
     mask = masks.window(W, 0) & masks.mask_mod(lambda b, h, qi, kv: kv <= qi - 5)
     if backend == "window":
         pytest.skip("the window kernel serves plain bands only (this mask is an And)")
-    q, k, v = _qkv(dtype, gen)
+    q, k, v = _qkv(dtype, gen, device)
     with torch.no_grad():
         q[:, :, 2] = float("nan")
     out = attention(q, k, v, mask=mask, backend=backend)
@@ -74,18 +74,18 @@ def test_nan_in_a_padded_query_row_does_not_poison_other_gradients(backend, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_half_precision_scores_accumulate_in_float32(backend, dtype):
+def test_half_precision_scores_accumulate_in_float32(backend, dtype, device):
     # q . k = 64 * 40 * 40 = 102400 > 65504 (float16's max) while the scaled score 12800 is representable
-    q = torch.full((1, 1, 16, 64), 40.0, dtype=dtype)
-    k = torch.full((1, 1, 16, 64), 40.0, dtype=dtype)
-    v = torch.randn(1, 1, 16, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    q = torch.full((1, 1, 16, 64), 40.0, dtype=dtype, device=device)
+    k = torch.full((1, 1, 16, 64), 40.0, dtype=dtype, device=device)
+    v = torch.randn(1, 1, 16, 64, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     mask = _mask_for("graph") if backend == "graph" else masks.window(W, 0)
     if backend == "graph":
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, L - 16)) for t in (q, k, v))
     out = attention(q, k, v, mask=mask, backend=backend)
     assert torch.isfinite(out).all(), backend
-    ref = attention_ref(q, k, v, mask=window_ref(q.shape[-2], q.shape[-2], W, 0))[0]
-    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+    ref = attention_ref(q.cpu(), k.cpu(), v.cpu(), mask=window_ref(q.shape[-2], q.shape[-2], W, 0))[0]
+    torch.testing.assert_close(out.double().cpu(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])

@@ -12,14 +12,16 @@ from reference import attention_ref, padding_ref, window_ref
 
 @pytest.mark.parametrize("left,right", [(3, 3), (5, 0), (0, 4)])
 @pytest.mark.parametrize("L,S", [(61, 61), (40, 70)])
-def test_window_and_padding_match_the_oracle_with_gradients(gen, left, right, L, S):
-    q = torch.randn(3, 2, L, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(3, 2, S, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    lengths = torch.tensor([S, S // 2, 3])
+def test_window_and_padding_match_the_oracle_with_gradients(gen, left, right, L, S, device):
+    q = torch.randn(3, 2, L, 8, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    k, v = (torch.randn(3, 2, S, 8, generator=gen, dtype=torch.float64).to(device).requires_grad_() for _ in range(2))
+    lengths = torch.tensor([S, S // 2, 3], device=device)
     mask = masks.window(left, right) & masks.padding(lengths)
-    dense = (window_ref(L, S, left, right)[None] & padding_ref(lengths, L, S))[:, None]  # (B, 1, L, S)
+    dense = (window_ref(L, S, left, right)[None] & padding_ref(lengths.cpu(), L, S))[:, None]  # (B, 1, L, S)
     out = attention(q, k, v, mask=mask, backend="banded")
-    torch.testing.assert_close(out, attention_ref(q, k, v, mask=dense)[0], atol=1e-12, rtol=0)
+    want = attention_ref(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), mask=dense)[0]
+    torch.testing.assert_close(out.detach().cpu(), want, atol=1e-12, rtol=0)
+    dense = dense.to(device)
     # gradients against PyTorch's SDPA in float64 on the dense mask (rows with no key: zero in both)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     ref = ref.masked_fill(~dense.any(-1, keepdim=True), 0.0)

@@ -142,7 +142,8 @@ class BlockMask(Mask):
     def plan(self, L, S, block=128, *, batch_ndim=2, device=None):
         bq, bk = block_sizes(block)
         self._same(L, S)
-        if bq == bk == self.block and batch_ndim == self.batch_ndim:
+        here = self.states is None or device is None or self.states.device == torch.device(device)
+        if bq == bk == self.block and batch_ndim == self.batch_ndim and here:
             return self
         return self._source().plan(L, S, block, batch_ndim=batch_ndim, device=device)
 
