@@ -44,3 +44,22 @@ def softmax_dot_reason(*, score, score_mod=None, bias=None, normalize="softmax",
     if dropout_p > 0:
         return "it has no dropout on the weights; use backend='math'"
     return None
+
+
+def split_steps(G: int, N: int, per: int, budget: int):
+    """``(n0, n1), (a, b)``: batch rows and group rows of each step over ``G`` query blocks and ``N`` batch rows,
+    at most ``budget`` elements a step when one block of one batch row needs ``per`` (its scores, or its gathered
+    keys and values), so a step stays in cache: small steps take several blocks of every batch row, large ones one
+    block of a few batch rows."""
+    if N == 0:
+        return
+    per = max(1, per)
+    if N * per <= budget:
+        step = max(1, budget // (N * per))
+        for a in range(0, G, step):
+            yield (0, N), (a, min(G, a + step))
+    else:
+        nstep = max(1, budget // per)
+        for a in range(G):
+            for n0 in range(0, N, nstep):
+                yield (n0, min(N, n0 + nstep)), (a, a + 1)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit import masks as _masks
-from attnkit.kernels._contract import dot_scale, softmax_dot_reason
+from attnkit.kernels._contract import dot_scale, softmax_dot_reason, split_steps
 from attnkit.masks import BlockMask, Group
 
 __all__ = ["blocksparse_attention", "run_plan", "weights_from_lse"]
@@ -111,20 +111,8 @@ def _fused_steps(plan: Plan, q: Tensor, k: Tensor, v: Tensor):
 
 
 def _steps(grp: Group, N: int, per: int, budget: int = _BUDGET):
-    """``(n0, n1), (a, b)``: batch rows and group rows of one step, at most ``budget`` elements when one block of
-    one batch row needs ``per`` (its scores, or its gathered keys and values), so a step stays in cache (small
-    steps split the batch, large groups one block at a time)."""
-    G = grp.kidx.shape[0]
-    per = max(1, per)
-    if N * per <= budget:
-        step = max(1, budget // (N * per))
-        for a in range(0, G, step):
-            yield (0, N), (a, min(G, a + step))
-    else:
-        nstep = max(1, budget // per)
-        for a in range(G):
-            for n0 in range(0, N, nstep):
-                yield (n0, min(N, n0 + nstep)), (a, a + 1)
+    """The steps of a group (:func:`attnkit.kernels._contract.split_steps`)."""
+    return split_steps(grp.kidx.shape[0], N, per, budget)
 
 
 def _flat_masks(grp: Group, batch: tuple) -> tuple[Tensor | None, Tensor | None]:

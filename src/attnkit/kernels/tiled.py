@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from attnkit.kernels._contract import split_steps
 from attnkit.masks import BlockMask, Group
 
 __all__ = ["tiled_attention"]
@@ -41,21 +42,6 @@ _FAST_BUDGET = 1 << 18  # ... of the hand-written path: a step's scores (1 MiB i
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _steps(G: int, N: int, per: int):
-    """``(n0, n1), (a, b)``: batch rows and group rows of a step of at most ``_BUDGET`` score elements."""
-    if N == 0:
-        return
-    if N * per <= _BUDGET:
-        step = max(1, _BUDGET // (N * per))
-        for a in range(0, G, step):
-            yield (0, N), (a, min(G, a + step))
-    else:
-        nstep = max(1, _BUDGET // per)
-        for a in range(G):
-            for n0 in range(0, N, nstep):
-                yield (n0, min(N, n0 + nstep)), (a, a + 1)
 
 
 def _flat(t: Tensor, batch: tuple) -> Tensor:
@@ -159,7 +145,7 @@ def tiled_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask, 
     rows_all, outs, lses, weights = [], [], [], []
     for grp in plan.groups:
         G, Kw = grp.kidx.shape
-        for (n0, n1), (a, b) in _steps(G, N, Bq * Kw):
+        for (n0, n1), (a, b) in split_steps(G, N, Bq * Kw, _BUDGET):
             n, g = n1 - n0, b - a
             rows = (torch.arange(n0, n1, device=dev).view(-1, 1) * nbq + grp.qblocks[a:b]).flatten()  # (n * g,)
             flat = grp.kidx[a:b].flatten()  # (g * Kw,)

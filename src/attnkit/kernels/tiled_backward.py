@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from attnkit.kernels._contract import split_steps
 from attnkit.masks import BlockMask
 
 __all__ = ["captured_tensors", "TiledAttention"]
@@ -62,20 +63,6 @@ def captured_tensors(score_mod, dtype, device) -> list[Tensor]:
     return list(rec.found.values())
 
 
-def _steps(G: int, N: int, per: int, budget: int):
-    if N == 0:
-        return
-    if N * per <= budget:
-        step = max(1, budget // (N * per))
-        for a in range(0, G, step):
-            yield (0, N), (a, min(G, a + step))
-    else:
-        nstep = max(1, budget // per)
-        for a in range(G):
-            for n0 in range(0, N, nstep):
-                yield (n0, min(N, n0 + nstep)), (a, a + 1)
-
-
 class _Steps:
     """The steps of a plan: gathered inputs and index tensors, shared by forward and backward."""
 
@@ -89,7 +76,7 @@ class _Steps:
         H = self.batch[-1] if len(self.batch) >= 2 else 1
         for grp in self.plan.groups:
             G, Kw = grp.kidx.shape
-            for (n0, n1), (a, b) in _steps(G, self.N, Bq * Kw, self.budget):
+            for (n0, n1), (a, b) in split_steps(G, self.N, Bq * Kw, self.budget):
                 n, g = n1 - n0, b - a
                 rows = (torch.arange(n0, n1, device=dev).view(-1, 1) * self.nbq + grp.qblocks[a:b]).flatten()
                 flat = grp.kidx[a:b].flatten()  # (g * Kw,)
