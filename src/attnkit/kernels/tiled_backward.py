@@ -70,22 +70,33 @@ class _Steps:
         self.plan, self.N, self.L, self.batch, self.budget = plan, N, L, batch, budget
         self.keep_fn, self.device = keep_fn, device
         self.nbq = -(-L // plan.block)
+        self._cache: list | None = None
 
     def __iter__(self):
+        if self._cache is None:  # built on the forward's pass, replayed by the backward
+            self._cache = list(self._build())
+        return iter(self._cache)
+
+    def _build(self):
         Bq, dev = self.plan.block, self.device
         H = self.batch[-1] if len(self.batch) >= 2 else 1
+        rows_in_block = torch.arange(Bq, device=dev)
         for grp in self.plan.groups:
             G, Kw = grp.kidx.shape
+            # FlexAttention's index tensors: int32, broadcastable to a step's scores (n|1, g, Bq|1, Kw|1)
+            qi_all = (grp.qblocks.view(-1, 1) * Bq + rows_in_block).clamp(max=max(self.L - 1, 0)).to(torch.int32)
+            kv_all = grp.kidx.to(torch.int32)
+            # blocks whose keys are one contiguous run (a causal row, a band): read as slices, no gather
+            first = grp.kidx[:, 0].tolist()
+            runs = ((grp.kidx[:, 1:] - grp.kidx[:, :-1]) == 1).all(-1).tolist() if Kw > 1 else [True] * G
             for (n0, n1), (a, b) in split_steps(G, self.N, Bq * Kw, self.budget):
                 n, g = n1 - n0, b - a
                 rows = (torch.arange(n0, n1, device=dev).view(-1, 1) * self.nbq + grp.qblocks[a:b]).flatten()
-                flat = grp.kidx[a:b].flatten()  # (g * Kw,)
-                # FlexAttention's index tensors: int32, broadcastable to the step's scores
                 ni = torch.arange(n0, n1, device=dev, dtype=torch.int32).view(-1, 1, 1, 1)
                 bi, hi = (ni // H, ni % H) if len(self.batch) >= 2 else (ni, torch.zeros_like(ni))
-                qi = (grp.qblocks[a:b].view(1, g, 1, 1) * Bq + torch.arange(Bq, device=dev).view(1, 1, Bq, 1))
-                idx = (bi, hi, qi.clamp(max=max(self.L - 1, 0)).to(torch.int32),
-                       grp.kidx[a:b].view(1, g, 1, Kw).to(torch.int32))
+                idx = (bi, hi, qi_all[a:b].view(1, g, Bq, 1), kv_all[a:b].view(1, g, 1, Kw))
+                span = (first[a], first[a] + Kw) if g == 1 and runs[a] else None
+                flat = span if span is not None else grp.kidx[a:b].flatten()
                 yield (n0, n1, n, g, Kw, rows, flat, idx, self.keep_fn(grp, a, b, n0, n1))
 
 
@@ -93,14 +104,32 @@ _FLOOR = -87.0  # exp below this is subnormal in float32: ten times slower on x8
 _TINY = 1.7e-38  # exp(_FLOOR) rounds above this; anything at or below it came from the floor: it is 0
 
 
-def _exp_shifted(s: Tensor, m: Tensor) -> Tensor:
+def _exp_shifted(s: Tensor, m: Tensor, *, exact_zeros: bool = True) -> Tensor:
     """``exp(s - m)`` as a fresh tensor. In float32 the argument is floored at -87 (where exp turns subnormal and
-    slow) and what reached the floor is set to 0, so -inf (masked) stays exactly 0 and rows stay exact to float32
-    rounding (a term below e^-87 of the row's largest cannot change a float32 sum)."""
+    slow) and, with ``exact_zeros``, what reached the floor is set to 0, so -inf (masked) stays exactly 0 and rows
+    stay exact to float32 rounding (a term below e^-87 of the row's largest cannot change a float32 sum). The
+    backward leaves the floor's e^-87 in place: it only scales gradient terms far below float32's resolution."""
     x = s - m
     if x.dtype != torch.float32:
         return x.exp_()
-    return torch.nn.functional.threshold_(x.clamp_(min=_FLOOR).exp_(), _TINY, 0.0)
+    p = x.clamp_(min=_FLOOR).exp_()
+    return torch.nn.functional.threshold_(p, _TINY, 0.0) if exact_zeros else p
+
+
+def _take(x: Tensor, n0: int, n1: int, flat, g: int, Kw: int) -> Tensor:
+    """Keys or values of batch rows [n0, n1) at ``flat`` (g * Kw,) indices, or a ``(start, stop)`` run (a view):
+    (n, g, Kw, d)."""
+    if isinstance(flat, tuple):
+        return x[n0:n1, flat[0]:flat[1]].unsqueeze(1)
+    return x[n0:n1].index_select(1, flat).view(n1 - n0, g, Kw, x.shape[-1])
+
+
+def _add_at(acc: Tensor, n0: int, n1: int, flat, grad: Tensor) -> None:
+    """``acc[n0:n1]`` at ``flat`` (indices or a run) += ``grad`` (n, g, Kw, d)."""
+    if isinstance(flat, tuple):
+        acc[n0:n1, flat[0]:flat[1]] += grad.squeeze(1)
+    else:
+        acc[n0:n1].index_add_(1, flat, grad.flatten(1, 2))
 
 
 def _scores(qs: Tensor, kb: Tensor, score_mod, idx) -> Tensor:
@@ -124,18 +153,17 @@ class TiledAttention(torch.autograd.Function):
         lse = q.new_full((N * steps.nbq, Bq), float("-inf"))
         for n0, n1, n, g, Kw, rows, flat, idx, keep in steps:
             qs = qb.index_select(0, rows).view(n, g, Bq, D).mul_(scale)
-            kb = k[n0:n1].index_select(1, flat).view(n, g, Kw, D)
-            vb = v[n0:n1].index_select(1, flat).view(n, g, Kw, Dv)
+            kb, vb = _take(k, n0, n1, flat, g, Kw), _take(v, n0, n1, flat, g, Kw)
             s = _scores(qs, kb, score_mod, idx)
             if keep is not None:
                 s = torch.where(keep, s, float("-inf"))
-            m = s.amax(-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with nothing allowed: 0
+            # a row with nothing allowed: m = -inf, clamped to the lowest float, so P = 0, l = 0, O = 0, lse = -inf
+            m = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)
             p = _exp_shifted(s, m)  # (n, g, Bq, Kw)
-            l = p.sum(-1, keepdim=True)
-            o = torch.matmul(p, vb).div_(torch.where(l > 0, l, torch.ones_like(l)))  # O = P V / l
+            l = p.sum(-1, keepdim=True)  # >= 1 on a row with an allowed key (its largest term is exp(0))
+            o = torch.matmul(p, vb).div_(l.clamp(min=1e-30))  # O = P V / l
             out.index_copy_(0, rows, o.view(-1, Bq, Dv))
-            lse.index_copy_(0, rows, torch.where(l > 0, m + torch.log(l), float("-inf")).view(-1, Bq))
+            lse.index_copy_(0, rows, l.log_().add_(m).view(-1, Bq))
         ctx.save_for_backward(q, k, v, out, lse, *captured)
         ctx.steps, ctx.scale, ctx.score_mod, ctx.ncap = steps, scale, score_mod, len(captured)
         ctx.mark_non_differentiable(lse)
@@ -156,8 +184,7 @@ class TiledAttention(torch.autograd.Function):
         dcap = [torch.zeros_like(c) for c in captured]
         for n0, n1, n, g, Kw, rows, flat, idx, keep in steps:
             qs = qb.index_select(0, rows).view(n, g, Bq, D).mul_(scale)
-            kb = k[n0:n1].index_select(1, flat).view(n, g, Kw, D)
-            vb = v[n0:n1].index_select(1, flat).view(n, g, Kw, Dv)
+            kb, vb = _take(k, n0, n1, flat, g, Kw), _take(v, n0, n1, flat, g, Kw)
             dos = dout.index_select(0, rows).view(n, g, Bq, Dv)
             if score_mod is not None:
                 with torch.enable_grad():
@@ -171,9 +198,9 @@ class TiledAttention(torch.autograd.Function):
             if keep is not None:
                 s_val = torch.where(keep, s_val, float("-inf"))
             # P = exp(S' - lse)
-            p = _exp_shifted(s_val, lse.index_select(0, rows).view(n, g, Bq, 1))
+            p = _exp_shifted(s_val, lse.index_select(0, rows).view(n, g, Bq, 1), exact_zeros=False)
             # dV += P^T dO
-            dv[n0:n1].index_add_(1, flat, torch.matmul(p.transpose(-1, -2), dos).flatten(1, 2))
+            _add_at(dv, n0, n1, flat, torch.matmul(p.transpose(-1, -2), dos))
             # dS' = P (dO V^T - delta)
             ds = torch.matmul(dos, vb.transpose(-1, -2)).sub_(delta.index_select(0, rows).view(n, g, Bq, 1))
             ds.mul_(p)
@@ -189,5 +216,5 @@ class TiledAttention(torch.autograd.Function):
                         acc.add_(gr)
             # dQ = scale dS K ;  dK += dS^T (scale Q)
             dq.index_copy_(0, rows, torch.matmul(ds, kb).mul_(scale).view(-1, Bq, D))
-            dk[n0:n1].index_add_(1, flat, torch.matmul(ds.transpose(-1, -2), qs).flatten(1, 2))
+            _add_at(dk, n0, n1, flat, torch.matmul(ds.transpose(-1, -2), qs))
         return (dq.view(N, Lp, D), dk, dv, None, None, None, *dcap)
