@@ -301,3 +301,25 @@ def test_flex_runs_on_every_device_with_gradients(device, gen):
     theirs = torch.autograd.grad(ref, (cq, ck, cv, cs), g)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a.cpu(), b, atol=1e-9, rtol=1e-9)
+
+
+def test_natten_2d_forward_and_gradients_match_float64_reference(gen):
+    """NATTEN's 2-D mask_mod (kernel centre clamped into the grid) on a 6 x 7 grid, several tiles of 16."""
+    Hg, Wg, K = 6, 7, 3
+    L = Hg * Wg
+
+    def natten(b, h, q_idx, kv_idx):
+        q_x, q_y, kv_x, kv_y = q_idx // Wg, q_idx % Wg, kv_idx // Wg, kv_idx % Wg
+        c_x, c_y = q_x.clamp(K // 2, (Hg - 1) - K // 2), q_y.clamp(K // 2, (Wg - 1) - K // 2)
+        return ((c_x - kv_x).abs() <= K // 2) & ((c_y - kv_y).abs() <= K // 2)
+
+    score_mod, captured = _score_mods(2, L, L, gen)["rel_bias"]
+    q, k, v = _qkv(1, 2, 2, L, L, 4, torch.float64, gen, grad=True)
+    bm = flex.create_block_mask(natten, None, None, L, L, BLOCK_SIZE=16)
+    assert torch.equal(bm.materialize(L, L), masks.neighborhood(Hg, Wg, K).materialize(L, L))
+    out = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)
+    ref, _ = flex_ref(q, k, v, score_mod, natten)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(torch.autograd.grad(out.sum(), [q, k, v, *captured]),
+                    torch.autograd.grad(ref.sum(), [q, k, v, *captured]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)

@@ -100,20 +100,20 @@ class _Steps:
                 yield (n0, n1, n, g, Kw, rows, flat, idx, self.keep_fn(grp, a, b, n0, n1))
 
 
-_FLOOR = -87.0  # exp below this is subnormal in float32: ten times slower on x86, and < 1e-37 of the row's max
-_TINY = 1.7e-38  # exp(_FLOOR) rounds above this; anything at or below it came from the floor: it is 0
+_FLOOR = -60.0  # exp(-60) = 8.8e-27 of the row's largest term: nothing in a float32 sum (eps 1.2e-7), and far
+# from float32's subnormals (below 1.2e-38), which the exp and every later product with them pay ten times for
+_TINY = 8.8e-27  # exp(_FLOOR) = 8.756e-27 rounds below this; anything at or below it came from the floor: 0
 
 
-def _exp_shifted(s: Tensor, m: Tensor, *, exact_zeros: bool = True) -> Tensor:
-    """``exp(s - m)`` as a fresh tensor. In float32 the argument is floored at -87 (where exp turns subnormal and
-    slow) and, with ``exact_zeros``, what reached the floor is set to 0, so -inf (masked) stays exactly 0 and rows
-    stay exact to float32 rounding (a term below e^-87 of the row's largest cannot change a float32 sum). The
-    backward leaves the floor's e^-87 in place: it only scales gradient terms far below float32's resolution."""
+def _exp_shifted(s: Tensor, m: Tensor) -> Tensor:
+    """``exp(s - m)`` as a fresh tensor. In float32 the argument is floored at -60 and what reached the floor is
+    set to 0: -inf (masked) stays exactly 0, rows stay exact to float32 rounding (a term below e^-60 of the row's
+    largest cannot change a float32 sum), and no subnormal float reaches exp or the matmuls after it (subnormal
+    inputs are about ten times slower on x86)."""
     x = s - m
     if x.dtype != torch.float32:
         return x.exp_()
-    p = x.clamp_(min=_FLOOR).exp_()
-    return torch.nn.functional.threshold_(p, _TINY, 0.0) if exact_zeros else p
+    return torch.nn.functional.threshold_(x.clamp_(min=_FLOOR).exp_(), _TINY, 0.0)
 
 
 def _take(x: Tensor, n0: int, n1: int, flat, g: int, Kw: int) -> Tensor:
@@ -198,7 +198,7 @@ class TiledAttention(torch.autograd.Function):
             if keep is not None:
                 s_val = torch.where(keep, s_val, float("-inf"))
             # P = exp(S' - lse)
-            p = _exp_shifted(s_val, lse.index_select(0, rows).view(n, g, Bq, 1), exact_zeros=False)
+            p = _exp_shifted(s_val, lse.index_select(0, rows).view(n, g, Bq, 1))
             # dV += P^T dO
             _add_at(dv, n0, n1, flat, torch.matmul(p.transpose(-1, -2), dos))
             # dS' = P (dO V^T - delta)
