@@ -223,18 +223,12 @@ def _assemble(parts, batch, N, L, S, Bq, dtype, *, sparse: bool, device) -> Tens
 _TILE = 128
 
 
-def supports(query, key, value, *, score, normalize, bias=None, dropout_p=0.0, **_) -> str | None:
-    from attnkit.kernels._contract import is_dot
+def supports(query, key, value, *, score_mod=None, bias=None, **request) -> str | None:
+    from attnkit.kernels._contract import softmax_dot_reason
 
-    if not is_dot(score):
-        return "it computes dot-product scores only (score=scaled_dot or dot); positions go in score_mod="
-    if normalize != "softmax":
-        return "it normalizes with softmax only; use backend='math'"
     if bias is not None:
         return "it takes no bias tensor; write the bias as a score_mod (it gets the tile's indices)"
-    if dropout_p > 0:
-        return "it has no dropout on the weights; use backend='math'"
-    return None
+    return softmax_dot_reason(**request)  # a plain dot-product softmax kernel, with the score_mod on top
 
 
 def suits(query, key, value, *, score_mod=None, mask=None, **_) -> bool:
