@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from attnkit import flex, masks
+from attnkit.functional import attention
 from reference import flex_ref
 
 tfa = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -233,6 +234,10 @@ def test_api_arguments_and_return_forms(gen):
         flex.flex_attention(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="Q_LEN"):
         flex.create_block_mask(flex.noop_mask, None, None, -1, 4)
+    for bad in (lambda s, b, h, qi, kv: s[..., :3], lambda s, b, h, qi, kv: (s > 0)):  # wrong shape, not scores
+        for backend in ("tiled", "math"):
+            with pytest.raises((ValueError, TypeError), match="score_mod must return"):
+                attention(q, k, v, score_mod=bad, backend=backend)
 
 
 def test_block_mask_is_planned_tile_by_tile_from_intervals():

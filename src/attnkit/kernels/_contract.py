@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from attnkit import scores as _scores
 
 
@@ -25,6 +27,24 @@ def dot_scale(query, score, scale) -> float:
         return float(scale)
     D = query.shape[-1]
     return 1.0 / math.sqrt(D) if score is _scores.scaled_dot and D else 1.0
+
+
+def apply_score_mod(score_mod, s, idx):
+    """``score_mod(s, *idx)``, checked: a tensor broadcastable to the scores' shape, in their dtype."""
+    out = score_mod(s, *idx)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"score_mod must return a floating tensor (the modified scores); got {got}.")
+    if out.shape != s.shape:
+        try:
+            ok = torch.broadcast_shapes(out.shape, s.shape) == s.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"score_mod must return scores of the shape it was given, {tuple(s.shape)} (an "
+                             f"elementwise change of each score); got {tuple(out.shape)}.")
+        out = out.expand(s.shape)
+    return out if out.dtype == s.dtype else out.to(s.dtype)
 
 
 def is_dot(score) -> bool:

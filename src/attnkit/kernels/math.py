@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit import scores as _scores
+from attnkit.kernels._contract import apply_score_mod
 from attnkit.masks import Mask
 from attnkit.softmax import get_normalizer
 
@@ -62,7 +63,7 @@ def masked_scores(query, key, *, score, score_mod=None, mask, bias, scale) -> tu
     scores = compute_scores(query, key, score, scale)  # (..., L, S)
     if score_mod is not None:
         # A = score_mod(A, b, h, q_idx, kv_idx)
-        scores = score_mod(scores, *_index_grids(query, key))
+        scores = apply_score_mod(score_mod, scores, _index_grids(query, key))
     if bias is not None:
         # A + bias
         scores = scores + bias

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from attnkit.kernels._contract import split_steps
+from attnkit.kernels._contract import apply_score_mod, split_steps
 from attnkit.masks import BlockMask, Group
 
 __all__ = ["tiled_attention"]
@@ -82,9 +82,7 @@ def _step(qs: Tensor, kb: Tensor, vb: Tensor, scale: float, score_mod, idx, keep
     s = torch.matmul(qs, kb.transpose(-1, -2)) * scale  # (n, g, Bq, Kw)
     if score_mod is not None:
         # S' = score_mod(S, b, h, q_idx, kv_idx)
-        s = score_mod(s, *idx)
-        if s.dtype != qs.dtype:
-            s = s.to(qs.dtype)
+        s = apply_score_mod(score_mod, s, idx)
     if keep is not None:
         s = torch.where(keep, s, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from attnkit.kernels._contract import split_steps
+from attnkit.kernels._contract import apply_score_mod, split_steps
 from attnkit.masks import BlockMask
 
 __all__ = ["captured_tensors", "TiledAttention"]
@@ -135,9 +135,7 @@ def _add_at(acc: Tensor, n0: int, n1: int, flat, grad: Tensor) -> None:
 def _scores(qs: Tensor, kb: Tensor, score_mod, idx) -> Tensor:
     s = torch.matmul(qs, kb.transpose(-1, -2))  # (n, g, Bq, Kw): (scale Q) K^T
     if score_mod is not None:
-        s = score_mod(s, *idx)
-        if s.dtype != qs.dtype:
-            s = s.to(qs.dtype)
+        s = apply_score_mod(score_mod, s, idx)
     return s
 
 
@@ -189,9 +187,7 @@ class TiledAttention(torch.autograd.Function):
             if score_mod is not None:
                 with torch.enable_grad():
                     s_raw = torch.matmul(qs, kb.transpose(-1, -2)).requires_grad_()
-                    s = score_mod(s_raw, *idx)
-                    if s.dtype != qs.dtype:
-                        s = s.to(qs.dtype)
+                    s = apply_score_mod(score_mod, s_raw, idx)
                     s_val = s.detach()
             else:
                 s_val = torch.matmul(qs, kb.transpose(-1, -2))
