@@ -94,7 +94,7 @@ def test_demo_page_in_a_browser_hovering_march(browser, demo):
     queries = browser.find_all("#hv-rows .tok")
     got = torch.tensor([float(q.get_attribute("data-w")) for q in queries])  # (T,): the column of "march"
     model, _, src_vocab, tgt_vocab = load_trained(demo)
-    ((hyp, w),) = translate_tokens(model, [src], src_vocab, tgt_vocab)
+    ((hyp, w, _),) = translate_tokens(model, [src], src_vocab, tgt_vocab)
     assert [q.text for q in queries] == hyp + ["<eos>"]
     assert torch.allclose(got, torch.where(w[:, src.index("march")] >= 1e-3, w[:, src.index("march")], 0.0),
                           atol=0.51e-4)

@@ -286,14 +286,16 @@ def check_meta(meta: object, path: Path) -> None:
     unknown = sorted(set(meta) - set(SECTIONS))
     if unknown:
         raise TranslateError(f"{path}: unknown checkpoint field(s) {unknown}; expected some of {list(SECTIONS)}")
-    types = {"train": dict, "model": dict, "src_vocab": list, "tgt_vocab": list, "history": list,
-             "progress": dict, "optimizer": dict}
+    types = {"train": dict, "model": dict, "history": list, "progress": dict, "optimizer": dict}
     for key, typ in types.items():
         if key in meta and not isinstance(meta[key], typ):
             raise TranslateError(f"{path}: field {key!r} must be a JSON {'object' if typ is dict else 'list'}; "
                                  f"got {type(meta[key]).__name__}")
-    for key in ("src_vocab", "tgt_vocab"):
-        bad = next((t for t in meta[key] if not isinstance(t, str)), None)
+    for key in ("src_vocab", "tgt_vocab"):  # a list of words, or a subword vocabulary's JSON object
+        if not isinstance(meta[key], (list, dict)):
+            raise TranslateError(f"{path}: field {key!r} must be a JSON list of words or a subword vocabulary "
+                                 f"object; got {type(meta[key]).__name__}")
+        bad = next((t for t in meta[key] if not isinstance(t, str)), None) if isinstance(meta[key], list) else None
         if bad is not None:
             raise TranslateError(f"{path}: field {key!r} must list strings; got {bad!r}")
     if "progress" in meta:
@@ -347,13 +349,13 @@ def load_trained(run_dir: str | Path):
         TranslateError: missing/corrupt/mismatched checkpoint files or a config that builds no model (or one
             too large for this machine's memory, refused before anything is allocated).
     """
+    from attnkit.tasks.translate import vocabulary
     from attnkit.tasks.translate.models import build_model
-    from attnkit.tasks.translate.vocab import Vocab
 
     run_dir = Path(run_dir)
     meta, tensors = load_checkpoint(run_dir)
     try:
-        src_vocab, tgt_vocab = Vocab(meta["src_vocab"]), Vocab(meta["tgt_vocab"])
+        src_vocab, tgt_vocab = vocabulary.from_meta(meta["src_vocab"]), vocabulary.from_meta(meta["tgt_vocab"])
         model_cfg = dict(meta["model"])
         if (model_cfg.get("src_vocab"), model_cfg.get("tgt_vocab")) != (len(src_vocab), len(tgt_vocab)):
             raise ValueError(f"vocabulary sizes {len(src_vocab)}/{len(tgt_vocab)} differ from the model's "

@@ -24,12 +24,12 @@ PRESETS = {
     ("embedded", "transformer"): dict(hidden=64, num_heads=4, ff_dim=128, num_layers=2, dropout=0.1,
                                       epochs=10, batch_size=32, lr=1e-3),
     ("file", "rnn"): dict(embed_dim=256, hidden=256, num_layers=2, dropout=0.2, epochs=10, batch_size=64,
-                          lr=5e-3, min_freq=2),
+                          lr=5e-3, min_freq=2, vocab="subword", vocab_size=8000, max_len=100),
     # sized to finish 9 epochs of the 65k Tatoeba training pairs in under 30 minutes on 2 cores; batches of 64
     # (more updates in the budget), warm-up, then linear decay to 0 at the last step
     ("file", "transformer"): dict(hidden=128, num_heads=4, ff_dim=512, num_layers=2, dropout=0.1, epochs=9,
                                   batch_size=64, lr=1.5e-3, warmup_steps=1000, schedule="linear", min_freq=2,
-                                  label_smoothing=0.1),
+                                  label_smoothing=0.1, vocab="subword", vocab_size=8000, max_len=100),
 }
 # command-line flag -> TrainConfig field: its argparse type (validated at parse time) or its choices
 _seed = A.int_at_least(0, 2**31 - 1)
@@ -41,6 +41,7 @@ OPTIONS = {
     "label_smoothing": A.probability, "seed": _seed, "split_seed": _seed, "valid_frac": A.real(0.0, 1.0, max_open=True),
     "test_frac": A.open_fraction, "min_freq": A.positive_int, "max_len": A.positive_int,
     "max_minutes": A.positive_float, "max_train_len": A.positive_int, "max_tokens": A.positive_int,
+    "vocab": ("word", "subword"), "vocab_size": A.int_at_least(260, 1_000_000),
 }
 HELP = {
     "max_train_len": "skip training pairs with a side longer than this many tokens (default: sized for the data, "
@@ -48,9 +49,15 @@ HELP = {
     "max_tokens": "cut a batch whose padded size (sentences x (source + target + 1) tokens) exceeds this "
                   "(default: --batch-size pairs of --max-train-len tokens)",
     "max_minutes": "stop (and save) after this much training time in this session",
+    "vocab": "word: one id per word seen --min-freq times (others <unk>); subword: byte-level BPE learned from "
+             "the training split, nothing is <unk> (default for a data file; the embedded task uses words)",
+    "vocab_size": "subword vocabulary: ids per language (default 8000)",
+    "max_len": "longest output when decoding, in ids (words, or subword pieces)",
 }
 RESUME_MAY_CHANGE = ("epochs", "max_minutes")  # what --resume takes from the command line; the rest is the run's
 _beam = A.int_at_least(1, 100)
+_length_penalty = A.real(0.0, 10.0)
+BEAM, LENGTH_PENALTY = 4, 1.0  # decoding defaults: beam search ranked by the average log-probability per id
 _threads = A.int_at_least(1, 1024)
 FLAGS = ("bidirectional",)  # store_true options that map to TrainConfig fields
 
@@ -72,7 +79,7 @@ def register(subparsers) -> None:
     t.add_argument("--out", default=DEFAULT_RUN, type=A.path, help=f"run directory (default {DEFAULT_RUN})")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start over even if --out holds a run")
-    t.add_argument("--beam", type=_beam, default=1, help="beam size for the final evaluation (1 = greedy)")
+    _decoding_options(t, "the final evaluation")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--bidirectional", action="store_true", default=None,
                    help="GRU models: read the source in both directions (Bahdanau et al.)")
@@ -87,7 +94,7 @@ def register(subparsers) -> None:
     e = sub.add_parser("eval", help="evaluate a trained model on its held-out split (or on --data)")
     e.add_argument("--run", default=DEFAULT_RUN, type=A.path, help="run directory with checkpoint.json")
     e.add_argument("--data", default=None, type=A.path, help="evaluate on every pair of this file instead")
-    e.add_argument("--beam", type=_beam, default=1)
+    _decoding_options(e, "decoding")
     e.add_argument("--out", default=None, type=A.path,
                    help="where to write metrics/samples/heatmaps (default: --run)")
     e.set_defaults(func=cmd_eval)
@@ -95,11 +102,18 @@ def register(subparsers) -> None:
     r = sub.add_parser("predict", help="translate sentences given as arguments or one per line on stdin")
     r.add_argument("sentences", nargs="*", help="sentences to translate (default: read stdin)")
     r.add_argument("--run", default=DEFAULT_RUN, type=A.path)
-    r.add_argument("--beam", type=_beam, default=1)
+    _decoding_options(r, "decoding")
     r.add_argument("--allow-unknown", action="store_true", help="translate unknown words as <unk>")
     r.add_argument("--html", default=None, metavar="FILE", type=A.html_file,
                    help="also write an attention explorer of these sentences to FILE (.html)")
     r.set_defaults(func=cmd_predict)
+
+
+def _decoding_options(p, what: str) -> None:
+    p.add_argument("--beam", type=_beam, default=BEAM, help=f"beam size for {what} (default {BEAM}; 1 = greedy)")
+    p.add_argument("--length-penalty", type=_length_penalty, default=LENGTH_PENALTY,
+                   help=f"beam search ranks outputs by log p / length ** this (default {LENGTH_PENALTY:g}: the "
+                        "average log-probability per id; 0 = plain log-probability)")
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -164,7 +178,8 @@ def _changed_on_resume(args, saved) -> list[str]:
 
 
 def _print_metrics(result: dict) -> None:
-    keys = [("bleu", "BLEU", "{:.1f}"), ("exact_match", "exact match", "{:.1%}"),
+    keys = [("bleu", "BLEU", "{:.1f}"), ("bleu_13a", "BLEU (sacreBLEU 13a)", "{:.1f}"), ("chrf", "chrF", "{:.1f}"),
+            ("exact_match", "exact match", "{:.1%}"),
             ("alignment_accuracy", "alignment accuracy", "{:.1%}")]
     for key, label, fmt in keys:
         if key in result:
@@ -242,7 +257,7 @@ def _train_locked(args, cfg, out: Path) -> int:
         print(f"time limit reached ({cfg.max_minutes} min): checkpoint saved in {out}")
     model = result["model"]
     metrics, samples = evaluate(model, result["splits"]["test"], result["src_vocab"], result["tgt_vocab"],
-                                beam=args.beam, max_len=result["config"].max_len)
+                                beam=args.beam, length_penalty=args.length_penalty, max_len=result["config"].max_len)
     metrics["train_seconds_this_session"] = round(result["train_seconds"], 1)
     metrics["epochs"] = len(hist)
     pictures = write_report(out, model, metrics, samples, result["src_vocab"], result["tgt_vocab"])
@@ -267,7 +282,8 @@ def cmd_eval(args) -> int:
         return _fail(f"{cfg.data}: the run's data file is not found (a relative path is relative to the "
                      "directory training ran in); run from there, or give the file with --data")
     pairs = load_pairs(args.data) if args.data else load_splits(cfg)["test"]
-    metrics, samples = evaluate(model, pairs, src_vocab, tgt_vocab, beam=args.beam, max_len=cfg.max_len)
+    metrics, samples = evaluate(model, pairs, src_vocab, tgt_vocab, beam=args.beam,
+                                length_penalty=args.length_penalty, max_len=cfg.max_len)
     out = Path(args.out or args.run)
     pictures = write_report(out, model, metrics, samples, src_vocab, tgt_vocab)
     print(json.dumps(metrics))
@@ -281,7 +297,7 @@ def cmd_predict(args) -> int:
     from attnkit.tasks.translate.checkpoint import load_trained
     from attnkit.tasks.translate.data import text_lines
     from attnkit.tasks.translate.evaluate import translate_tokens
-    from attnkit.tasks.translate.tokenize import detokenize, tokenize
+    from attnkit.tasks.translate.tokenize import detokenize_text, tokenize
     from attnkit.tasks.translate.train import TrainConfig
 
     model, meta, src_vocab, tgt_vocab = load_trained(args.run)
@@ -303,13 +319,15 @@ def cmd_predict(args) -> int:
                          f"{Path(args.run) / 'checkpoint.json'}); rephrase, or pass --allow-unknown")
         tokens.append(toks)
     cfg = TrainConfig.from_dict(meta["train"])
-    outputs = translate_tokens(model, tokens, src_vocab, tgt_vocab, beam=args.beam, max_len=cfg.max_len)
-    for hyp, _w in outputs:
-        print(detokenize(hyp))
+    outputs = translate_tokens(model, tokens, src_vocab, tgt_vocab, beam=args.beam,
+                               length_penalty=args.length_penalty, max_len=cfg.max_len)
+    for hyp, _w, _labels in outputs:
+        print(detokenize_text(hyp))
     if args.html is not None:
         from attnkit.tasks.translate.explorer import write_attention_html
 
-        samples = [{"src": s, "hyp": h, "weights": w} for s, (h, w) in zip(tokens, outputs, strict=True)]
+        samples = [{"src": s, "hyp": h, "weights": w, "hyp_labels": labels}
+                   for s, (h, w, labels) in zip(tokens, outputs, strict=True)]
         path = write_attention_html(args.html, model, samples, src_vocab, tgt_vocab,
                                     title=f"attnkit translate predict ({Path(args.run)})")
         print(f"attention explorer: {path}", file=sys.stderr)

@@ -13,6 +13,7 @@ SCHEDULES = ("constant", "linear")
 MODELS = ("bahdanau", "luong", "transformer")
 SCORES = ("dot", "general")
 LANGS = ("fr", "de")
+VOCABS = ("word", "subword")
 
 
 @dataclass
@@ -42,7 +43,9 @@ class TrainConfig:
     split_seed: int = 0
     valid_frac: float = 0.05
     test_frac: float = 0.1
-    min_freq: int = 1
+    min_freq: int = 1  # word vocabulary: keep words seen this many times in the training split
+    vocab: str = "word"  # "word" (one id per word, rare ones <unk>) or "subword" (byte-level BPE, no <unk>)
+    vocab_size: int = 8000  # subword vocabulary: ids per side (256 bytes and 4 specials included)
     max_len: int = 40
     max_minutes: float | None = None  # stop (and save) after this much training time
     max_train_len: int | None = None  # skip training pairs with a side longer than this (None: sized for the data)
@@ -86,6 +89,10 @@ class TrainConfig:
             raise ValueError(f"max_tokens must hold one pair of max_train_len tokens per side (>= "
                              f"{2 * self.max_train_len + 1}); got {self.max_tokens}.")
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("vocab", self.vocab, VOCABS)
+        check_int("vocab_size", self.vocab_size, minimum=260)
+        if self.vocab_size > 1_000_000:
+            raise ValueError(f"vocab_size must be <= 1000000; got {self.vocab_size}.")
         if self.model == "transformer" and self.hidden % self.num_heads:
             raise ValueError(f"hidden must be divisible by num_heads for the Transformer; got hidden "
                              f"{self.hidden}, num_heads {self.num_heads}.")

@@ -120,3 +120,68 @@ def beam_search(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, *, bo
         y = torch.tensor(keep_tok, dtype=torch.long)
     score, seq, att = max(finished, key=lambda f: f[0])
     return seq, att, score
+
+
+@torch.no_grad()
+def beam_search_batch(model: Seq2Seq, src: torch.Tensor, src_lens: torch.Tensor, *, bos: int, eos: int,
+                      max_len: int, beam_size: int = 4, length_penalty: float = 1.0
+                      ) -> list[tuple[list[int], torch.Tensor, float]]:
+    """Beam search for a whole batch at once (``B x beam_size`` rows through the decoder per step).
+
+    Each sentence keeps its ``beam_size`` best prefixes by log-probability; a prefix that has produced ``<eos>``
+    stays in its beam unchanged (it extends only by ``<eos>``, at no cost). At the end each sentence returns the
+    beam with the best ``log p(y) / len(y) ** length_penalty`` (``len`` counts ``<eos>``; ``length_penalty = 1``
+    is the average log-probability per word, fairseq's default; ``0`` the plain log-probability). With
+    ``beam_size = 1`` this is greedy decoding.
+
+    Returns per sentence ``(ids without <eos>, attention (T, S_i), score)``; the attention has a row per output
+    word plus one for ``<eos>`` when it was produced.
+
+    Shape:
+        - src ``(B, S)``, src_lens ``(B,)``
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    B, K = src.shape[0], beam_size
+    state = model.reorder_state(model.encode(src, src_lens), torch.arange(B).repeat_interleave(K))
+    logps = torch.full((B, K), float("-inf"))
+    logps[:, 0] = 0.0  # all K rows start as the same empty prefix: only one of them may be extended first
+    tokens = torch.zeros(B * K, 0, dtype=torch.long)  # (B K, t)
+    hist = torch.zeros(B * K, 0, src.shape[1])  # (B K, t, S) attention of each prefix
+    done = torch.zeros(B * K, dtype=torch.bool)
+    lengths = torch.zeros(B * K)  # words of each prefix, <eos> included
+    y = torch.full((B * K,), bos, dtype=torch.long)
+    for _ in range(max_len):
+        logits, state, w = model.step(y, state)  # (B K, V), state, (B K, S)
+        V = logits.shape[-1]
+        lp = _never_pad_or_bos(logits.float().log_softmax(-1), bos)  # (B K, V)
+        stay = torch.full_like(lp, float("-inf"))
+        stay[:, eos] = 0.0
+        lp = torch.where(done[:, None], stay, lp)
+        cand = (logps.view(B * K, 1) + lp).view(B, K * V)  # (B, K V)
+        top, index = cand.topk(K, dim=-1)  # (B, K)
+        row = (index // V + torch.arange(B)[:, None] * K).flatten()  # (B K,) the prefix each new one extends
+        tok = (index % V).flatten()  # (B K,)
+        was_done = done.index_select(0, row)
+        state = model.reorder_state(state, row)
+        w = w.float().index_select(0, row)
+        w = torch.where(was_done[:, None], torch.zeros_like(w), w)  # a finished prefix attends nowhere new
+        hist = torch.cat([hist.index_select(0, row), w[:, None]], dim=1)
+        tokens = torch.cat([tokens.index_select(0, row), tok[:, None]], dim=1)
+        lengths = lengths.index_select(0, row) + (~was_done).float()
+        done = was_done | (tok == eos)
+        logps = top
+        y = tok
+        if bool(done.all()):
+            break
+    score = logps.flatten() / lengths.clamp_min(1) ** length_penalty if length_penalty else logps.flatten()
+    best = score.view(B, K).argmax(-1) + torch.arange(B) * K  # (B,)
+    out = []
+    for b, r in enumerate(best.tolist()):
+        seq = tokens[r].tolist()
+        n = seq.index(eos) if eos in seq else len(seq)
+        steps = min(n + 1, len(seq))
+        out.append((seq[:n], hist[r, :steps, : int(src_lens[b])], float(score[r])))
+    return out

@@ -57,3 +57,25 @@ def alignment_accuracy(weights: list[torch.Tensor], gold: list[list[tuple[int, .
     if total == 0:
         raise ValueError("gold holds no aligned output word")
     return hit / total
+
+
+def standard_scores(hyps: list[str], refs: list[list[str]]) -> dict:
+    """sacreBLEU's standard corpus scores of detokenized text: BLEU with its ``13a`` tokenizer and chrF, both
+    case-insensitive (the models here write lowercase), against one or more references per sentence. Returns
+    ``{"bleu_13a", "bleu_13a_signature", "chrf", "chrf_signature"}``.
+
+    Shape:
+        - hyps: N sentences; refs: N lists of reference sentences (at least one each)
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(hyps) != len(refs) or not hyps:
+        raise ValueError(f"hyps and refs must be non-empty and of equal length, got {len(hyps)} and {len(refs)}")
+    if any(len(r) == 0 for r in refs):
+        raise ValueError("every sentence needs at least one reference, got an empty reference list")
+    width = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(width)]
+    bleu, chrf = BLEU(tokenize="13a", lowercase=True), CHRF(lowercase=True)
+    b, c = bleu.corpus_score(hyps, streams), chrf.corpus_score(hyps, streams)
+    return {"bleu_13a": float(b.score), "bleu_13a_signature": str(bleu.get_signature()),
+            "chrf": float(c.score), "chrf_signature": str(chrf.get_signature())}

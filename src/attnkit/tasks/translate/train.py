@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from attnkit.tasks.translate import checkpoint as ckpt
+from attnkit.tasks.translate import vocabulary
 from attnkit.tasks.translate.config import EMBEDDED, SCHEDULES, TrainConfig
 from attnkit.tasks.translate.data import Pair, embedded_pairs, load_pairs, split_pairs
 from attnkit.tasks.translate.errors import TranslateError
@@ -127,6 +128,13 @@ def skip_long(pairs: list[Pair], limit: int) -> tuple[list[Pair], int]:
     return kept, len(pairs) - len(kept)
 
 
+def _encode(pairs: list[Pair], src_vocab, tgt_vocab, positions: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """The (source ids, target ids) of ``pairs`` whose both sides fit in ``positions`` ids, and how many did not."""
+    items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in pairs]
+    kept = [(s, t) for s, t in items if len(s) <= positions and len(t) <= positions]
+    return kept, len(items) - len(kept)
+
+
 def masked_loss(logits: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float = 0.0):
     """Sum of cross-entropy over real (non-padding) target tokens, and their number."""
     return token_loss(logits.flatten(0, 1), tgt_out.flatten(), label_smoothing)
@@ -199,7 +207,7 @@ def _check_data(cfg: TrainConfig, splits: dict[str, list[Pair]], src_vocab: Voca
                              f"{cfg.test_frac} (it rounds to 0 source sentences); use more data or a larger "
                              "--test-frac")
     for side, vocab in (("source", src_vocab), ("target", tgt_vocab)):
-        if len(vocab) == len(SPECIALS):
+        if isinstance(vocab, Vocab) and len(vocab) == len(SPECIALS):
             raise TranslateError(f"{cfg.data}: min_freq {cfg.min_freq} keeps no {side} word of the training "
                                  "split (every word is rarer); lower --min-freq")
 
@@ -210,7 +218,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
         ckpt.collect_garbage(run_dir)  # what a killed trainer left behind (we hold the lock)
         saved = TrainConfig.from_dict(meta["train"])
         cfg = dataclasses.replace(saved, epochs=cfg.epochs, max_minutes=cfg.max_minutes)
-        src_vocab, tgt_vocab = Vocab(meta["src_vocab"]), Vocab(meta["tgt_vocab"])
+        src_vocab, tgt_vocab = vocabulary.from_meta(meta["src_vocab"]), vocabulary.from_meta(meta["tgt_vocab"])
     splits = load_splits(cfg)
     limit = train_length_limit(cfg, splits["train"])
     splits["train"], skipped_train = skip_long(splits["train"], limit)
@@ -220,8 +228,9 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
         log.warning("skipped %d training and %d validation pairs longer than %d tokens (--max-train-len)",
                     skipped_train, skipped_valid, limit)
     if not resume:
-        src_vocab = Vocab.build((p.src for p in splits["train"]), min_freq=cfg.min_freq)
-        tgt_vocab = Vocab.build((p.tgt for p in splits["train"]), min_freq=cfg.min_freq)
+        src_vocab, tgt_vocab = (vocabulary.build(cfg.vocab, [getattr(p, side) for p in splits["train"]],
+                                                 min_freq=cfg.min_freq, vocab_size=cfg.vocab_size)
+                                for side in ("src", "tgt"))
     _check_data(cfg, splits, src_vocab, tgt_vocab)
     mcfg = model_config(cfg, src_vocab, tgt_vocab, limit)
     max_tokens = cfg.max_tokens if cfg.max_tokens is not None else cfg.batch_size * (2 * limit + 1)
@@ -233,8 +242,17 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
     except ValueError as exc:
         raise TranslateError(f"{cfg.data}: {exc}") from None
     bos, eos = tgt_vocab.bos_id, tgt_vocab.eos_id
-    train_items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in splits["train"]]
-    valid_items = [(src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)) for p in splits["valid"]]
+    # a subword vocabulary spells a rare word in several ids: a pair may need more positions than its words
+    positions = mcfg["max_len"] - 2
+    train_items, over = _encode(splits["train"], src_vocab, tgt_vocab, positions)
+    valid_items, over_valid = _encode(splits["valid"], src_vocab, tgt_vocab, positions)
+    if over or over_valid:
+        log.warning("skipped %d training and %d validation pairs longer than %d ids (the model's positions)",
+                    over, over_valid, positions)
+        skipped["train"] += over
+        skipped["valid"] += over_valid
+    if not train_items:
+        raise TranslateError(f"{cfg.data}: every training pair is longer than the model's {positions} positions")
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
@@ -253,8 +271,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
         history = meta.get("history", [])
 
     def save(status: str) -> None:
-        meta_out = {"train": dataclasses.asdict(cfg), "model": mcfg, "src_vocab": src_vocab.to_list(),
-                    "tgt_vocab": tgt_vocab.to_list(), "history": history, "status": status,
+        meta_out = {"train": dataclasses.asdict(cfg), "model": mcfg, "src_vocab": vocabulary.to_meta(src_vocab),
+                    "tgt_vocab": vocabulary.to_meta(tgt_vocab), "history": history, "status": status,
                     "progress": {"epoch": epoch, "step": start, "global_step": global_step, "sums": sums}}
         ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, meta=meta_out)
 
