@@ -83,3 +83,21 @@ def split_steps(G: int, N: int, per: int, budget: int):
         for a in range(G):
             for n0 in range(0, N, nstep):
                 yield (n0, min(N, n0 + nstep)), (a, a + 1)
+
+
+def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """The checks every kernel's own entry makes on its inputs: tensors, floating point, (..., length, dim), one
+    dtype, matching D and S."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}.")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}.")
+        if t.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., length, dim); got {tuple(t.shape)}.")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key, value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}.")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must share the last dim D; got {query.shape[-1]} and {key.shape[-1]}.")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value must share the length S; got {key.shape[-2]} and {value.shape[-2]}.")

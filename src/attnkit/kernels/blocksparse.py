@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit import masks as _masks
+from attnkit.kernels._contract import check_qkv as _check
 from attnkit.kernels._contract import dot_scale, softmax_dot_reason, split_steps
 from attnkit.masks import BlockMask, Group
 
@@ -484,20 +485,6 @@ def blocksparse_attention(query: Tensor, key: Tensor, value: Tensor, mask: _mask
     return run_plan(query, key, value, plan, scale=scale, return_weights=return_weights, return_lse=return_lse)
 
 
-def _check(query: Tensor, key: Tensor, value: Tensor) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}.")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}.")
-        if t.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., length, dim); got {tuple(t.shape)}.")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key, value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}.")
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(f"query and key must share the last dim D; got {query.shape[-1]} and {key.shape[-1]}.")
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key and value must share the length S; got {key.shape[-2]} and {value.shape[-2]}.")
 
 
 # ---- the kernel contract (attnkit.kernels._contract) ---------------------------------------------------------

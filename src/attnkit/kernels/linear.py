@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnkit.kernels._contract import check_qkv
+
 __all__ = ["elu_feature_map", "linear_attention", "linear_attention_step", "LinearState"]
 
 LinearState = tuple[Tensor, Tensor]
@@ -46,25 +48,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}.")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}.")
-        if t.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., length, dim); got {tuple(t.shape)}.")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(
-            f"query, key and value must share one dtype; got {query.dtype}, {key.dtype}, {value.dtype}."
-        )
-    if query.shape[-1] != key.shape[-1]:
-        raise ValueError(
-            f"query and key must have the same last dim D; got {query.shape[-1]} and {key.shape[-1]}."
-        )
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(
-            f"key and value must have the same length S; got {key.shape[-2]} and {value.shape[-2]}."
-        )
+    check_qkv(query, key, value)
     if key.shape[:-2] != value.shape[:-2]:
         raise ValueError(
             f"key and value must have the same leading dims; got {tuple(key.shape)} and {tuple(value.shape)}."

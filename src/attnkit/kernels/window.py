@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 
 from attnkit import masks as _masks
+from attnkit.kernels._contract import check_qkv as _check
 from attnkit.kernels._contract import dot_scale, softmax_dot_reason
-from attnkit.kernels.blocksparse import _check, weights_from_lse
+from attnkit.kernels.blocksparse import weights_from_lse
 from attnkit.masks import BlockMask, Group, allowed_on
 
 __all__ = ["window_attention", "window_plan"]

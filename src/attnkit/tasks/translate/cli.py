@@ -187,6 +187,11 @@ def _print_metrics(result: dict) -> None:
     print(f"  {'held-out sentences':>19}: {result['sentences']} ({result['pairs']} pairs, {result['decoding']})")
 
 
+def _print_pictures(out: Path, pictures: list) -> None:
+    print(f"pictures ({len(pictures)} attention heatmaps): {out / 'heatmaps'}/")
+    print(f"attention explorer (open in a browser): {out / 'attention.html'}")
+
+
 @_guarded
 def cmd_train(args) -> int:
     from attnkit.tasks.translate.runlock import run_lock
@@ -264,8 +269,7 @@ def _train_locked(args, cfg, out: Path) -> int:
     print("held-out results:")
     _print_metrics(metrics)
     print(f"metrics: {out / 'metrics.json'}   samples: {out / 'samples.txt'}")
-    print(f"pictures ({len(pictures)} attention heatmaps): {out / 'heatmaps'}/")
-    print(f"attention explorer (open in a browser): {out / 'attention.html'}")
+    _print_pictures(out, pictures)
     return 0
 
 
@@ -287,8 +291,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out or args.run)
     pictures = write_report(out, model, metrics, samples, src_vocab, tgt_vocab)
     print(json.dumps(metrics))
-    print(f"pictures ({len(pictures)} attention heatmaps): {out / 'heatmaps'}/")
-    print(f"attention explorer (open in a browser): {out / 'attention.html'}")
+    _print_pictures(out, pictures)
     return 0
 
 
