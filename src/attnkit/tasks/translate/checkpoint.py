@@ -97,7 +97,7 @@ def current_snapshot(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    meta: dict) -> Path:
+                    meta: dict, average: dict[str, torch.Tensor] | None = None) -> Path:
     """Save model weights, optimizer state, the torch RNG state and ``meta`` (JSON-able) as a new snapshot and
     make it current in one atomic step; return the snapshot folder. The caller must hold the run lock.
 
@@ -113,6 +113,8 @@ def save_checkpoint(run_dir: str | Path, *, model: torch.nn.Module, optimizer: t
         opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    if average:  # the running mean of the weights at the ends of the last epochs (``TrainConfig.average_last``)
+        tensors.update({f"average.{k}": v.detach().clone().contiguous() for k, v in average.items()})
     blob = save(tensors, metadata={"format": FORMAT})
     meta_bytes = (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -314,8 +316,13 @@ def check_meta(meta: object, path: Path) -> None:
         raise TranslateError(f"{path}: bad field 'train' ({exc})") from None
 
 
-def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+def model_state(tensors: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def averaged_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The averaged weights of the checkpoint (``average.`` tensors), or None when it holds none."""
+    return model_state(tensors, "average.") or None
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict | None:
@@ -324,9 +331,11 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict | None
     return _unflatten_optimizer(tensors, meta["optimizer"])
 
 
-def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load the ``model.`` tensors into ``model`` strictly; a mismatch becomes a one-line TranslateError."""
-    state = model_state(tensors)
+def load_model_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path, *,
+                       prefix: str = "model.") -> None:
+    """Load the ``prefix`` tensors (the trained weights, or ``average.``: their average) into ``model``
+    strictly; a mismatch becomes a one-line TranslateError."""
+    state = model_state(tensors, prefix)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -363,6 +372,8 @@ def load_trained(run_dir: str | Path):
         model = build_model(model_cfg)
     except (ValueError, TypeError) as exc:
         raise TranslateError(f"{run_dir / MANIFEST}: bad model config or vocabulary ({exc})") from None
-    load_model_weights(model, tensors, run_dir / MANIFEST)
+    # a run that averaged its last epochs' weights is used with the average (what its final scores measured)
+    prefix = "average." if averaged_state(tensors) is not None else "model."
+    load_model_weights(model, tensors, run_dir / MANIFEST, prefix=prefix)
     model.eval()
     return model, meta, src_vocab, tgt_vocab

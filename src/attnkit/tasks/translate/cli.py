@@ -29,7 +29,8 @@ PRESETS = {
     # (more updates in the budget), warm-up, then linear decay to 0 at the last step
     ("file", "transformer"): dict(hidden=128, num_heads=4, ff_dim=512, num_layers=2, dropout=0.1, epochs=9,
                                   batch_size=64, lr=1.5e-3, warmup_steps=1000, schedule="linear", min_freq=2,
-                                  label_smoothing=0.1, vocab="subword", vocab_size=8000, max_len=100),
+                                  label_smoothing=0.1, vocab="subword", vocab_size=8000, max_len=100,
+                                  average_last=3),
 }
 # command-line flag -> TrainConfig field: its argparse type (validated at parse time) or its choices
 _seed = A.int_at_least(0, 2**31 - 1)
@@ -41,7 +42,7 @@ OPTIONS = {
     "label_smoothing": A.probability, "seed": _seed, "split_seed": _seed, "valid_frac": A.real(0.0, 1.0, max_open=True),
     "test_frac": A.open_fraction, "min_freq": A.positive_int, "max_len": A.positive_int,
     "max_minutes": A.positive_float, "max_train_len": A.positive_int, "max_tokens": A.positive_int,
-    "vocab": ("word", "subword"), "vocab_size": A.int_at_least(260, 1_000_000),
+    "vocab": ("word", "subword"), "vocab_size": A.int_at_least(260, 1_000_000), "average_last": A.nonnegative_int,
 }
 HELP = {
     "max_train_len": "skip training pairs with a side longer than this many tokens (default: sized for the data, "
@@ -52,6 +53,8 @@ HELP = {
     "vocab": "word: one id per word seen --min-freq times (others <unk>); subword: byte-level BPE learned from "
              "the training split, nothing is <unk> (default for a data file; the embedded task uses words)",
     "vocab_size": "subword vocabulary: ids per language (default 8000)",
+    "average_last": "evaluate and keep the mean of the weights at the ends of the last N epochs (checkpoint "
+                    "averaging; 0 = off)",
     "max_len": "longest output when decoding, in ids (words, or subword pieces)",
 }
 RESUME_MAY_CHANGE = ("epochs", "max_minutes")  # what --resume takes from the command line; the rest is the run's

@@ -50,6 +50,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (and save) after this much training time
     max_train_len: int | None = None  # skip training pairs with a side longer than this (None: sized for the data)
     max_tokens: int | None = None  # cut batches to at most this many padded tokens (None: batch_size x longest)
+    average_last: int = 0  # evaluate and keep the mean of the weights at the ends of the last N epochs (0: off)
 
     def __post_init__(self):
         self.validate()
@@ -68,7 +69,7 @@ class TrainConfig:
         for name in ("embed_dim", "hidden", "num_layers", "num_heads", "ff_dim", "epochs", "batch_size",
                      "min_freq", "max_len"):
             check_int(name, getattr(self, name), minimum=1)
-        for name in ("warmup_steps", "seed", "split_seed"):
+        for name in ("warmup_steps", "seed", "split_seed", "average_last"):
             check_int(name, getattr(self, name), minimum=0)
         check_probability("dropout", self.dropout)
         check_probability("label_smoothing", self.label_smoothing)

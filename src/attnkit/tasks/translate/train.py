@@ -135,6 +135,16 @@ def _encode(pairs: list[Pair], src_vocab, tgt_vocab, positions: int) -> tuple[li
     return kept, len(items) - len(kept)
 
 
+def running_mean(mean: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor],
+                 count: int) -> dict[str, torch.Tensor]:
+    """``mean`` of ``count - 1`` weight sets updated with the ``count``-th, ``state`` (floating tensors averaged,
+    others taken from ``state``): ``mean + (state - mean) / count``."""
+    if mean is None or count == 1:
+        return {k: v.detach().clone() for k, v in state.items()}
+    return {k: (mean[k] + (v.detach() - mean[k]) / count) if v.is_floating_point() else v.detach().clone()
+            for k, v in state.items()}
+
+
 def masked_loss(logits: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float = 0.0):
     """Sum of cross-entropy over real (non-padding) target tokens, and their number."""
     return token_loss(logits.flatten(0, 1), tgt_out.flatten(), label_smoothing)
@@ -259,6 +269,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epoch, start, history, sums = 0, 0, [], {"loss": 0.0, "tokens": 0}
     global_step = 0
+    average, averaged = None, 0  # running mean of the weights at the ends of the last cfg.average_last epochs
     if resume:
         ckpt.load_model_weights(model, tensors, run_dir / ckpt.MANIFEST)
         opt_state = ckpt.optimizer_state(tensors, meta)
@@ -269,12 +280,17 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
         epoch, start, global_step = prog["epoch"], prog["step"], prog["global_step"]
         sums = prog["sums"]
         history = meta.get("history", [])
+        average, averaged = ckpt.averaged_state(tensors), int(prog.get("averaged", 0))
+        if (average is None) != (averaged == 0):
+            raise TranslateError(f"{run_dir / ckpt.MANIFEST}: progress.averaged {averaged} does not match the "
+                                 "averaged weights it holds")
 
     def save(status: str) -> None:
         meta_out = {"train": dataclasses.asdict(cfg), "model": mcfg, "src_vocab": vocabulary.to_meta(src_vocab),
                     "tgt_vocab": vocabulary.to_meta(tgt_vocab), "history": history, "status": status,
-                    "progress": {"epoch": epoch, "step": start, "global_step": global_step, "sums": sums}}
-        ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, meta=meta_out)
+                    "progress": {"epoch": epoch, "step": start, "global_step": global_step, "sums": sums,
+                                 "averaged": averaged}}
+        ckpt.save_checkpoint(run_dir, model=model, optimizer=optimizer, meta=meta_out, average=average)
 
     lengths = [len(s) + len(t) for s, t in train_items]
     costs = [(len(s), len(t)) for s, t in train_items]
@@ -323,10 +339,16 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
                          "seconds": round(time.perf_counter() - t_epoch, 2)}
                 if valid_items:
                     entry["valid_loss"] = valid_loss(model, valid_items, bos, eos, 4 * cfg.batch_size)
+                if cfg.average_last and epoch + 1 > cfg.epochs - cfg.average_last:
+                    averaged += 1
+                    average = running_mean(average, model.state_dict(), averaged)
+                    entry["averaged_epochs"] = averaged
                 history.append(entry)
                 log.info("epoch %d: %s", epoch + 1, entry)
                 epoch, start, sums = epoch + 1, 0, {"loss": 0.0, "tokens": 0}
             save(status if status != "done" or epoch < cfg.epochs else "done")
+    if average is not None:  # evaluate (and hand back) the average of the last epochs' weights
+        model.load_state_dict(average)
     model.eval()
     return {"status": status, "history": history, "model": model, "src_vocab": src_vocab, "skipped": skipped,
             "tgt_vocab": tgt_vocab, "config": cfg, "splits": splits,
