@@ -109,6 +109,8 @@ def _torch_flex(q, k, v, score_mod, mask_mod, B, H, L, S, gqa):
     return out, aux.lse, bm
 
 
+# CPU only, the comparisons with torch's FlexAttention below: they run torch's eager flex_attention on the CPU
+# (the float64-oracle tests further down and test_flex_runs_on_every_device_with_gradients take the device)
 SCORES = list(_score_mods(4, 8, 8, torch.Generator().manual_seed(0)))
 MASKS = list(_mask_mods(8, torch.Generator().manual_seed(0)))
 
@@ -232,7 +234,7 @@ def test_gradcheck_through_score_mod_and_partial_tiles(gen, device):
     assert torch.autograd.gradcheck(f, (q, k, v, slopes))
 
 
-# ---- the API and the plan -------------------------------------------------------------------------------------
+# ---- the API and the plan (CPU only: argument checks and plans, no kernel numerics) ----------------------------
 
 def test_api_arguments_and_return_forms(gen):
     q, k, v = _qkv(1, 2, 2, 40, 40, 8, torch.float32, gen)

@@ -150,6 +150,7 @@ def test_module_step_equals_forward(device):
 
 
 def test_module_errors():
+    # CPU only: argument checks, refused before any kernel runs
     with pytest.raises(ValueError, match="divide"):
         LinearAttention(10, 3)
     m = LinearAttention(8, 2)
