@@ -35,12 +35,23 @@ def _natten(b, h, q_idx, kv_idx):  # the flex blog's NATTEN mask: the kernel cen
     return ((c_x - kv_x).abs() <= K_ // 2) & ((c_y - kv_y).abs() <= K_ // 2)
 
 
-def _score_mods(H: int, L: int, S: int, gen):
-    """name -> (score_mod, captured floating tensors). Captured tensors are float64 leaves."""
-    rel = torch.randn(L + S, dtype=torch.float64, generator=gen).requires_grad_()
-    slopes = torch.rand(H, dtype=torch.float64, generator=gen).requires_grad_()
-    head_offset = torch.randn(H, dtype=torch.float64, generator=gen).requires_grad_()
-    batch_bias = torch.randn(2, dtype=torch.float64, generator=gen).requires_grad_()
+def _fork(gen: torch.Generator) -> torch.Generator:
+    """A CPU generator in ``gen``'s state: the same draws twice (once for the CPU reference, once for a device)."""
+    g = torch.Generator()
+    g.set_state(gen.get_state())
+    return g
+
+
+def _score_mods(H: int, L: int, S: int, gen, device="cpu"):
+    """name -> (score_mod, captured floating tensors). Captured tensors are float64 leaves, drawn on the CPU and
+    placed on ``device``."""
+    def leaf(t):
+        return t.to(device).requires_grad_()
+
+    rel = leaf(torch.randn(L + S, dtype=torch.float64, generator=gen))
+    slopes = leaf(torch.rand(H, dtype=torch.float64, generator=gen))
+    head_offset = leaf(torch.randn(H, dtype=torch.float64, generator=gen))
+    batch_bias = leaf(torch.randn(2, dtype=torch.float64, generator=gen))
     return {
         "identity": (lambda s, b, h, q, kv: s, []),
         "times_two": (lambda s, b, h, q, kv: s * 2, []),
@@ -55,9 +66,9 @@ def _score_mods(H: int, L: int, S: int, gen):
     }
 
 
-def _mask_mods(L: int, gen):
-    docs = torch.sort(torch.randint(0, 4, (2, L), generator=gen), dim=-1).values  # (B, L) packed document ids
-    prefix = torch.tensor([L // 3, L // 5])
+def _mask_mods(L: int, gen, device="cpu"):
+    docs = torch.sort(torch.randint(0, 4, (2, L), generator=gen), dim=-1).values.to(device)  # (B, L) document ids
+    prefix = torch.tensor([L // 3, L // 5], device=device)
 
     def causal(b, h, q, kv):
         return q >= kv
@@ -98,6 +109,8 @@ def _torch_flex(q, k, v, score_mod, mask_mod, B, H, L, S, gqa):
     return out, aux.lse, bm
 
 
+# CPU only, the comparisons with torch's FlexAttention below: they run torch's eager flex_attention on the CPU
+# (the float64-oracle tests further down and test_flex_runs_on_every_device_with_gradients take the device)
 SCORES = list(_score_mods(4, 8, 8, torch.Generator().manual_seed(0)))
 MASKS = list(_mask_mods(8, torch.Generator().manual_seed(0)))
 
@@ -164,47 +177,55 @@ GRAD_CASES = [  # (score_mod name, mask_mod name)
 
 @pytest.mark.parametrize("score_name,mask_name", GRAD_CASES, ids=[f"{a}-{b}" for a, b in GRAD_CASES])
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (2, 1)], ids=["mha", "gqa"])
-def test_forward_and_gradients_match_float64_reference(score_name, mask_name, Hq, Hkv, gen):
+def test_forward_and_gradients_match_float64_reference(score_name, mask_name, Hq, Hkv, gen, device):
     B, L, S = 2, 37, 37  # ragged: 3 tiles of 16 with a partial last one
+    # the mods twice from the same draws: on the device for attnkit, on the CPU for the oracle
+    dscore_mod, dcaptured = _score_mods(Hq, L, S, _fork(gen), device)[score_name]
     score_mod, captured = _score_mods(Hq, L, S, gen)[score_name]
+    dmask_mod = _mask_mods(L, _fork(gen), device)[mask_name]
     mask_mod = _mask_mods(L, gen)[mask_name]
     q, k, v = _qkv(B, Hq, Hkv, L, S, 8, torch.float64, gen, grad=True)
-    bm = flex.create_block_mask(mask_mod, B, Hq, L, S, BLOCK_SIZE=16)
+    dq, dk, dv = (t.detach().to(device, copy=True).requires_grad_() for t in (q, k, v))
+    bm = flex.create_block_mask(dmask_mod, B, Hq, L, S, device=device, BLOCK_SIZE=16)
     assert bm.states.numel() == 9
-    out, lse = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hq != Hkv,
+    out, lse = flex.flex_attention(dq, dk, dv, score_mod=dscore_mod, block_mask=bm, enable_gqa=Hq != Hkv,
                                    return_lse=True)
     ref, ref_lse = flex_ref(q, k, v, score_mod, mask_mod)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out.detach().cpu(), ref.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse.detach().cpu(), ref_lse.detach(), atol=1e-10, rtol=1e-10)
     go = torch.randn(out.shape, dtype=torch.float64, generator=gen)
     leaves = [q, k, v, *captured]
-    ours = torch.autograd.grad(out, leaves, go, allow_unused=True)
+    ours = torch.autograd.grad(out, [dq, dk, dv, *dcaptured], go.to(device), allow_unused=True)
     theirs = torch.autograd.grad(ref, leaves, go, allow_unused=True)
     for name, a, b in zip(["q", "k", "v"] + [f"captured{i}" for i in range(len(captured))], ours, theirs,
                           strict=True):
         a = torch.zeros_like(leaves[0]) if a is None and b is None else a
+        a = a.cpu() if a is not None else None
         torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), atol=1e-9, rtol=1e-9,
                                    msg=lambda m, n=name: f"grad {n}: {m}")
 
 
-def test_cross_attention_lengths_differ_float64(gen):
+def test_cross_attention_lengths_differ_float64(gen, device):
     B, Hq, L, S = 1, 2, 37, 50
+    dscore_mod, dcaptured = _score_mods(Hq, L, S, _fork(gen), device)["rel_bias"]
     score_mod, captured = _score_mods(Hq, L, S, gen)["rel_bias"]
     q, k, v = _qkv(B, Hq, Hq, L, S, 4, torch.float64, gen, grad=True)
-    bm = flex.create_block_mask(lambda b, h, qi, kv: kv <= qi + 5, None, None, L, S, BLOCK_SIZE=16)
-    out = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)
+    dq, dk, dv = (t.detach().to(device, copy=True).requires_grad_() for t in (q, k, v))
+    bm = flex.create_block_mask(lambda b, h, qi, kv: kv <= qi + 5, None, None, L, S, device=device, BLOCK_SIZE=16)
+    out = flex.flex_attention(dq, dk, dv, score_mod=dscore_mod, block_mask=bm)
     ref, _ = flex_ref(q, k, v, score_mod, lambda b, h, qi, kv: kv <= qi + 5)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    g1 = torch.autograd.grad(out.sum(), [q, k, v, *captured])
+    torch.testing.assert_close(out.detach().cpu(), ref.detach(), atol=1e-10, rtol=1e-10)
+    g1 = torch.autograd.grad(out.sum(), [dq, dk, dv, *dcaptured])
     g2 = torch.autograd.grad(ref.sum(), [q, k, v, *captured])
     for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(a.cpu(), b, atol=1e-9, rtol=1e-9)
 
 
-def test_gradcheck_through_score_mod_and_partial_tiles(gen):
-    q, k, v = _qkv(1, 2, 2, 13, 13, 3, torch.float64, gen, grad=True)
-    slopes = torch.rand(2, dtype=torch.float64, generator=gen).requires_grad_()
-    bm = flex.create_block_mask(lambda b, h, qi, kv: (qi >= kv) & (qi - kv < 6), None, None, 13, 13, BLOCK_SIZE=4)
+def test_gradcheck_through_score_mod_and_partial_tiles(gen, device):
+    q, k, v = (t.to(device).requires_grad_() for t in _qkv(1, 2, 2, 13, 13, 3, torch.float64, gen))
+    slopes = torch.rand(2, dtype=torch.float64, generator=gen).to(device).requires_grad_()
+    bm = flex.create_block_mask(lambda b, h, qi, kv: (qi >= kv) & (qi - kv < 6), None, None, 13, 13, device=device,
+                                BLOCK_SIZE=4)
 
     def f(q, k, v, slopes):
         return flex.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + slopes[h] * (kv - qi),
@@ -213,7 +234,7 @@ def test_gradcheck_through_score_mod_and_partial_tiles(gen):
     assert torch.autograd.gradcheck(f, (q, k, v, slopes))
 
 
-# ---- the API and the plan -------------------------------------------------------------------------------------
+# ---- the API and the plan (CPU only: argument checks and plans, no kernel numerics) ----------------------------
 
 def test_api_arguments_and_return_forms(gen):
     q, k, v = _qkv(1, 2, 2, 40, 40, 8, torch.float32, gen)
@@ -308,7 +329,20 @@ def test_flex_runs_on_every_device_with_gradients(device, gen):
         torch.testing.assert_close(a.cpu(), b, atol=1e-9, rtol=1e-9)
 
 
-def test_natten_2d_forward_and_gradients_match_float64_reference(gen):
+@pytest.mark.parametrize("mod", [flex.noop_mask, flex.or_masks(flex.noop_mask),
+                                 lambda b, h, qi, kv: torch.tensor(True)], ids=["noop", "or_noop", "cpu_constant"])
+def test_constant_mask_mods_give_tile_states_and_pairs_on_the_indices_device(mod):
+    """A mask_mod returning a constant made on the CPU (``torch.tensor(True)``, as flex.noop_mask does) must give
+    tile states and allowed pairs on the device of the indices, or planning on CUDA would mix devices. Checked on
+    the meta device, which every machine has."""
+    mask = masks.mask_mod(mod)
+    q0 = torch.arange(0, 64, 16, device="meta")
+    assert mask.tile_states(q0, q0 + 15, q0, q0 + 15, 64, 64).device.type == "meta"
+    qi, kj = torch.arange(4, device="meta").view(1, 4, 1), torch.arange(5, device="meta").view(1, 1, 5)
+    assert mask.allowed(qi, kj, 4, 5, 2).device.type == "meta"
+
+
+def test_natten_2d_forward_and_gradients_match_float64_reference(gen, device):
     """NATTEN's 2-D mask_mod (kernel centre clamped into the grid) on a 6 x 7 grid, several tiles of 16."""
     Hg, Wg, K = 6, 7, 3
     L = Hg * Wg
@@ -318,13 +352,15 @@ def test_natten_2d_forward_and_gradients_match_float64_reference(gen):
         c_x, c_y = q_x.clamp(K // 2, (Hg - 1) - K // 2), q_y.clamp(K // 2, (Wg - 1) - K // 2)
         return ((c_x - kv_x).abs() <= K // 2) & ((c_y - kv_y).abs() <= K // 2)
 
+    dscore_mod, dcaptured = _score_mods(2, L, L, _fork(gen), device)["rel_bias"]
     score_mod, captured = _score_mods(2, L, L, gen)["rel_bias"]
     q, k, v = _qkv(1, 2, 2, L, L, 4, torch.float64, gen, grad=True)
-    bm = flex.create_block_mask(natten, None, None, L, L, BLOCK_SIZE=16)
-    assert torch.equal(bm.materialize(L, L), masks.neighborhood(Hg, Wg, K).materialize(L, L))
-    out = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)
+    dq, dk, dv = (t.detach().to(device, copy=True).requires_grad_() for t in (q, k, v))
+    bm = flex.create_block_mask(natten, None, None, L, L, device=device, BLOCK_SIZE=16)
+    assert torch.equal(bm.materialize(L, L).cpu(), masks.neighborhood(Hg, Wg, K).materialize(L, L))
+    out = flex.flex_attention(dq, dk, dv, score_mod=dscore_mod, block_mask=bm)
     ref, _ = flex_ref(q, k, v, score_mod, natten)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    for a, b in zip(torch.autograd.grad(out.sum(), [q, k, v, *captured]),
+    torch.testing.assert_close(out.detach().cpu(), ref.detach(), atol=1e-10, rtol=1e-10)
+    for a, b in zip(torch.autograd.grad(out.sum(), [dq, dk, dv, *dcaptured]),
                     torch.autograd.grad(ref.sum(), [q, k, v, *captured]), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(a.cpu(), b, atol=1e-9, rtol=1e-9)

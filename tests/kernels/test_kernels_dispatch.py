@@ -18,6 +18,15 @@ def _qkv(B=2, H=2, L=24, S=24, D=8, seed=0, dtype=torch.float32):
     return tuple(torch.randn(B, H, n, D, generator=g, dtype=dtype) for n in (L, S, S))
 
 
+def _to(device, *ts):
+    """The CPU-built inputs on ``device`` (references keep computing on the CPU originals)."""
+    return tuple(t.to(device) for t in ts)
+
+
+def _close(a, ref, **tol):
+    torch.testing.assert_close(a.cpu().double(), ref, **tol)
+
+
 def _graph_mask(N, E, seed):
     g = torch.Generator().manual_seed(seed)
     ei = torch.stack([torch.randint(0, N, (E,), generator=g), torch.randint(0, N - 1, (E,), generator=g)])
@@ -33,29 +42,31 @@ CASES = {
 
 
 @pytest.mark.parametrize("backend", sorted(CASES))
-def test_explicit_backend_matches_reference_and_returns_weights(backend):
+def test_explicit_backend_matches_reference_and_returns_weights(backend, device):
     torch.manual_seed(0)
     q, k, v = _qkv()
-    mask = CASES[backend](24, 24)
+    mask = CASES[backend](24, 24)  # its tensors stay on the CPU, as a user builds them: the kernels move them
     dense = mask.materialize(24, 24, batch_ndim=2)
     assert dense.any() and not dense.all()
-    out, w = attention(q, k, v, mask=mask, backend=backend, return_weights=True)
+    dq, dk, dv = _to(device, q, k, v)
+    out, w = attention(dq, dk, dv, mask=mask, backend=backend, return_weights=True)
     ref_out, ref_w = masked_softmax_attention_ref(q, k, v, dense)
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w.double(), ref_w, rtol=1e-5, atol=1e-5)
+    _close(out, ref_out, rtol=1e-5, atol=1e-5)
+    _close(w, ref_w, rtol=1e-5, atol=1e-5)
     # asking for the picture never changes the output
-    torch.testing.assert_close(attention(q, k, v, mask=mask, backend=backend), out)
+    torch.testing.assert_close(attention(dq, dk, dv, mask=mask, backend=backend), out)
 
 
 @pytest.mark.parametrize("backend", sorted(CASES))
-def test_explicit_backend_gradcheck(backend):
-    q, k, v = (t.requires_grad_(True) for t in _qkv(B=1, H=1, L=9, S=9, D=3, dtype=torch.float64))
+def test_explicit_backend_gradcheck(backend, device):
+    q, k, v = (t.to(device).requires_grad_(True) for t in _qkv(B=1, H=1, L=9, S=9, D=3, dtype=torch.float64))
     mask = {"graph": _graph_mask(9, 20, 2), "chunked": masks.causal() & masks.padding(torch.tensor([6]))}.get(
         backend, CASES[backend](9, 9))
     assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, mask=mask, backend=backend), (q, k, v))
 
 
 def test_auto_routes_by_structure():
+    # CPU only: a pure routing decision (nothing is computed), and dispatch does not look at the device
     q, k, v = _qkv(B=1, H=1, L=2048, S=2048, D=4)
     req = dict(score=scores.scaled_dot, bias=None, normalize="softmax", dropout_p=0.0, return_weights=False)
     assert dispatch.choose(q, k, v, mask=masks.window(8, 8), **req) == "window"
@@ -69,11 +80,11 @@ def test_auto_routes_by_structure():
     assert dispatch.choose(q, k, v, mask=None, **{**req, "score": add}) == "chunked"
 
 
-def test_auto_window_equals_band_reference():
+def test_auto_window_equals_band_reference(device):
     q, k, v = _qkv(B=1, H=2, L=300, S=280, D=4)
-    out = attention(q, k, v, mask=masks.window(5, 1))
+    out = attention(*_to(device, q, k, v), mask=masks.window(5, 1))
     ref, _ = masked_softmax_attention_ref(q, k, v, band_mask(300, 280, 5, 1))
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    _close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -88,6 +99,7 @@ def test_auto_window_equals_band_reference():
      ("nope", dict(), "one of")],
 )
 def test_explicit_backend_that_cannot_serve_raises(backend, kwargs, why):
+    # CPU only: argument checks, refused before any kernel runs
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=why):
         attention(q, k, v, backend=backend, **kwargs)
@@ -95,10 +107,10 @@ def test_explicit_backend_that_cannot_serve_raises(backend, kwargs, why):
 
 @pytest.mark.parametrize("backend", sorted(CASES))
 @pytest.mark.parametrize("L,S", [(0, 5), (5, 0), (0, 0)])
-def test_empty_queries_or_keys(backend, L, S):
-    q = torch.randn(1, 2, L, 4, requires_grad=True)
-    k = torch.randn(1, 2, S, 4, requires_grad=True)
-    v = torch.randn(1, 2, S, 3, requires_grad=True)
+def test_empty_queries_or_keys(backend, L, S, device):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, d, generator=g).to(device).requires_grad_(True)
+               for n, d in ((L, 4), (S, 4), (S, 3)))
     mask = {"window": masks.window(1, 1), "blocksparse": masks.window(1, 0) | masks.window(0, 1),
             "graph": masks.graph(torch.zeros(2, 0, dtype=torch.long), num_nodes=L),
             "chunked": masks.causal()}[backend]
@@ -106,15 +118,16 @@ def test_empty_queries_or_keys(backend, L, S):
         return  # a graph mask has one node set
     out, w = attention(q, k, v, mask=mask, backend=backend, return_weights=True)
     assert out.shape == (1, 2, L, 3) and w.shape == (1, 2, L, S)
-    assert out.abs().sum() == 0
+    assert out.abs().sum().item() == 0
     out.sum().backward()
-    assert q.grad is None or q.grad.abs().sum() == 0
+    assert q.grad is None or q.grad.abs().sum().item() == 0
 
 
-def test_sdpa_remembers_a_reused_mask_and_follows_in_place_edits(monkeypatch):
+def test_sdpa_remembers_a_reused_mask_and_follows_in_place_edits(monkeypatch, device):
     """A mask object reused across calls is materialized once for the SDPA path; editing a mask's tensor in place
     (here a padding length) is seen by the next call."""
-    q, k, v = _qkv(L=12, S=12)
+    q0, k0, v0 = _qkv(L=12, S=12)
+    q, k, v = _to(device, q0, k0, v0)
     win = masks.window(2, 5)
     calls = []
     real = masks.Window.materialize
@@ -127,8 +140,8 @@ def test_sdpa_remembers_a_reused_mask_and_follows_in_place_edits(monkeypatch):
     first = attention(q, k, v, mask=win, backend="sdpa")
     second = attention(q, k, v, mask=win, backend="sdpa")
     assert len(calls) == 1 and torch.equal(first, second)
-    ref = masked_softmax_attention_ref(q, k, v, band_mask(12, 12, 2, 5))[0]
-    torch.testing.assert_close(first.double(), ref, rtol=1e-5, atol=1e-5)
+    ref = masked_softmax_attention_ref(q0, k0, v0, band_mask(12, 12, 2, 5))[0]
+    _close(first, ref, rtol=1e-5, atol=1e-5)
 
     import attnkit.kernels.sdpa as sdpa_mod
 
@@ -137,10 +150,10 @@ def test_sdpa_remembers_a_reused_mask_and_follows_in_place_edits(monkeypatch):
     attention(q, k, v, mask=big, backend="sdpa")
     attention(q, k, v, mask=big, backend="sdpa")
     assert len(calls) == 3
-    lengths = torch.tensor([12, 7])
+    lengths = torch.tensor([12, 7], device=device)
     pad = masks.padding(lengths)
     attention(q, k, v, mask=pad, backend="sdpa")
     lengths[1] = 4  # in place: the remembered mask must be rebuilt
     out = attention(q, k, v, mask=pad, backend="sdpa")
-    t = torch.arange(12) < lengths.view(2, 1, 1, 1)  # (B, 1, 1, S)
-    torch.testing.assert_close(out.double(), masked_softmax_attention_ref(q, k, v, t)[0], rtol=1e-5, atol=1e-5)
+    t = torch.arange(12) < lengths.cpu().view(2, 1, 1, 1)  # (B, 1, 1, S)
+    _close(out, masked_softmax_attention_ref(q0, k0, v0, t)[0], rtol=1e-5, atol=1e-5)

@@ -16,34 +16,41 @@ def _qkv(B=2, H=3, L=37, S=37, D=5, Dv=7, dtype=torch.float32, seed=0, scale=1.0
     return q, k, v
 
 
+def _to(device, *ts):
+    """The CPU-built inputs on ``device`` (references keep computing on the CPU originals)."""
+    return tuple(t.to(device) for t in ts)
+
+
+def _close(a, ref, **tol):
+    torch.testing.assert_close(a.cpu().double(), ref, **tol)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk", [1, 8, 64])
-def test_matches_float64_reference(causal, chunk):
+def test_matches_float64_reference(causal, chunk, device):
     q, k, v = _qkv()
-    out = linear_attention(q, k, v, causal=causal, chunk_size=chunk)
+    out = linear_attention(*_to(device, q, k, v), causal=causal, chunk_size=chunk)
     ref = linear_attention_ref(q, k, v, causal=causal)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32 and out.device.type == device.type
+    _close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_non_causal_cross_lengths():
+def test_non_causal_cross_lengths(device):
     q, k, v = _qkv(L=5, S=19)
-    torch.testing.assert_close(
-        linear_attention(q, k, v).double(), linear_attention_ref(q, k, v, causal=False), rtol=1e-5, atol=1e-5
-    )
+    _close(linear_attention(*_to(device, q, k, v)), linear_attention_ref(q, k, v, causal=False), rtol=1e-5, atol=1e-5)
 
 
-def test_causal_is_causal_through_gradients():
-    q, k, v = _qkv(B=1, H=1, L=20, S=20, dtype=torch.float64)
+def test_causal_is_causal_through_gradients(device):
+    q, k, v = _to(device, *_qkv(B=1, H=1, L=20, S=20, dtype=torch.float64))
     k.requires_grad_(True)
     out = linear_attention(q, k, v, causal=True, chunk_size=6)
     out[0, 0, 7].sum().backward()
-    assert k.grad[0, 0, 8:].abs().max() == 0
-    assert k.grad[0, 0, :8].abs().min() > 0
+    assert k.grad[0, 0, 8:].abs().max().item() == 0
+    assert k.grad[0, 0, :8].abs().min().item() > 0
 
 
-def test_recurrent_equals_parallel():
-    q, k, v = _qkv(B=2, H=2, L=50, S=50, D=4, Dv=6)
+def test_recurrent_equals_parallel(device):
+    q, k, v = _to(device, *_qkv(B=2, H=2, L=50, S=50, D=4, Dv=6))
     par = linear_attention(q, k, v, causal=True, chunk_size=16)
     state, outs = None, []
     for t in range(q.shape[-2]):
@@ -54,11 +61,12 @@ def test_recurrent_equals_parallel():
     assert state[0].shape == (2, 2, 4, 6) and state[1].shape == (2, 2, 4)
 
 
-def test_long_sequence_large_norms_stay_finite_and_accurate():
+def test_long_sequence_large_norms_stay_finite_and_accurate(device):
     # the normalizer grows with L and with |q|,|k|: float32 accumulation must keep it accurate
     q, k, v = _qkv(B=1, H=1, L=4096, S=4096, D=8, Dv=4, scale=30.0, seed=3)
-    out = linear_attention(q, k, v, causal=True, chunk_size=64)
+    out = linear_attention(*_to(device, q, k, v), causal=True, chunk_size=64).cpu()  # on the device under test
     assert torch.isfinite(out).all()
+    # the float64 reference and the plain float32 computation below run on the CPU
     ref = linear_attention(q.double(), k.double(), v.double(), causal=True, chunk_size=64)
     # independent spot check of the float64 path on a few rows with the loop reference
     rows = [0, 1, 2047, 4095]
@@ -77,17 +85,17 @@ def test_long_sequence_large_norms_stay_finite_and_accurate():
     assert (out >= v.min(-2, keepdim=True).values - 1e-5).all()
 
 
-def test_half_inputs_accumulate_in_float32():
+def test_half_inputs_accumulate_in_float32(device):
     q, k, v = _qkv(L=300, S=300, dtype=torch.bfloat16)
-    out = linear_attention(q, k, v, causal=True)
+    out = linear_attention(*_to(device, q, k, v), causal=True)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     ref = linear_attention_ref(q, k, v, causal=True)
-    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    _close(out, ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradcheck(causal):
-    q, k, v = _qkv(B=1, H=2, L=6, S=6, D=3, Dv=2, dtype=torch.float64)
+def test_gradcheck(causal, device):
+    q, k, v = _to(device, *_qkv(B=1, H=2, L=6, S=6, D=3, Dv=2, dtype=torch.float64))
     for t in (q, k, v):
         t.requires_grad_(True)
     assert torch.autograd.gradcheck(
@@ -95,8 +103,8 @@ def test_gradcheck(causal):
     )
 
 
-def test_bad_input():
-    q, k, v = _qkv(L=4, S=6)
+def test_bad_input(device):
+    q, k, v = _to(device, *_qkv(L=4, S=6))
     with pytest.raises(ValueError, match="L == S"):
         linear_attention(q, k, v, causal=True)
     with pytest.raises(ValueError, match="eps"):
@@ -121,17 +129,18 @@ def _module_reference(m: LinearAttention, x: torch.Tensor, causal: bool) -> torc
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_module_forward_matches_reference(causal):
+def test_module_forward_matches_reference(causal, device):
     torch.manual_seed(0)
     m = LinearAttention(12, 3, causal=causal)
     x = torch.randn(2, 9, 12)
-    torch.testing.assert_close(m(x).double(), _module_reference(m, x, causal), rtol=1e-5, atol=1e-5)
+    ref = _module_reference(m, x, causal)  # on the CPU, before the module moves
+    _close(m.to(device)(x.to(device)), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_module_step_equals_forward():
+def test_module_step_equals_forward(device):
     torch.manual_seed(1)
-    m = LinearAttention(16, 4, causal=True)
-    x = torch.randn(3, 40, 16)
+    m = LinearAttention(16, 4, causal=True).to(device)
+    x = torch.randn(3, 40, 16).to(device)
     par = m(x)
     state, ys = None, []
     for t in range(x.shape[1]):
@@ -141,6 +150,7 @@ def test_module_step_equals_forward():
 
 
 def test_module_errors():
+    # CPU only: argument checks, refused before any kernel runs
     with pytest.raises(ValueError, match="divide"):
         LinearAttention(10, 3)
     m = LinearAttention(8, 2)

@@ -49,7 +49,8 @@ class MaskMod(Mask):
         if not isinstance(out, Tensor) or out.dtype != torch.bool:
             got = out.dtype if isinstance(out, Tensor) else type(out).__name__
             raise TypeError(f"mask_mod must return a bool tensor (True = may attend); got {got}.")
-        out = torch.broadcast_to(out, torch.broadcast_shapes(out.shape, qi.shape, kj.shape))  # (*mb, G, R, C)
+        # on the indices' device even when the mod returns a constant made elsewhere (torch.tensor(True): CPU)
+        out = torch.broadcast_to(out.to(dev), torch.broadcast_shapes(out.shape, qi.shape, kj.shape))  # (*mb, G, R, C)
         if out.ndim > 3 and batch_ndim > 2:  # extra leading batch dims of the scores
             out = out.reshape(*([1] * (batch_ndim - 2)), *out.shape)
         return out

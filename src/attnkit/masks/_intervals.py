@@ -264,5 +264,7 @@ def classify(mask_mod, B: int, H: int, q0: Tensor, q1: Tensor, k0: Tensor, k1: T
     except (TypeError, RuntimeError, IndexError, AttributeError, ValueError):  # the stand-ins cannot take part
         return None
     shape = (q0.shape[0], k0.shape[0])
-    mt, mf = torch.broadcast_to(out.maybe_true, shape), torch.broadcast_to(out.maybe_false, shape)
+    # on the tiles' device even when the mod returns a constant made elsewhere (torch.tensor(True) is on the CPU)
+    mt = torch.broadcast_to(out.maybe_true.to(q0.device), shape)
+    mf = torch.broadcast_to(out.maybe_false.to(q0.device), shape)
     return (mt.to(torch.int8) + (~mf).to(torch.int8)).contiguous()
