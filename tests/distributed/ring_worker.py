@@ -114,6 +114,12 @@ def check_errors(rank, P):
         assert "4-D" in str(e), str(e)
     else:
         raise AssertionError("a 3-D query on one rank was accepted")
+    try:  # one rank recording gradients and the other not would leave the backward waiting: refused
+        ring_attention(q.clone().requires_grad_(rank == 0), q, q)
+    except ValueError as e:
+        assert "requires_grad" in str(e), str(e)
+    else:
+        raise AssertionError("ranks disagreeing on requires_grad were accepted")
     try:  # zigzag needs tensor_split chunks: rank 0 holding two rows more is refused everywhere
         ring_attention(*(torch.randn(1, 2, 4 + 2 * (rank == 0), 8) for _ in range(3)), layout="zigzag")
     except ValueError as e:

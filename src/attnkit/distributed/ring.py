@@ -30,7 +30,7 @@ from attnkit.masks import Mask, as_mask, full
 
 __all__ = ["ring_attention", "traffic", "reset_traffic"]
 
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+_DTYPES = [torch.float32, torch.float64]
 _TRAFFIC = {"bytes_sent": 0, "messages": 0}
 _KV, _DKV = 1, 2  # message kinds (gloo matches sends to receives by tag)
 
@@ -189,7 +189,8 @@ def _local_meta(query, key, value, layout, scale) -> list[int]:
             raise ValueError(f"{name} must be 4-D (B, H, L_r, D), this rank's slice of the sequence; got shape "
                              f"{tuple(t.shape)}.")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16; got {t.dtype}.")
+            raise TypeError(f"{name} must be float32 or float64 (half precision across ranks is not implemented: "
+                            f"cast to float32); got {t.dtype}.")
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(f"query, key and value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}.")
     B, Hq, Lq, D = query.shape
@@ -203,10 +204,12 @@ def _local_meta(query, key, value, layout, scale) -> list[int]:
     check_layout(layout)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None; got {scale!r}.")
-    return [B, Hq, key.shape[1], Lq, key.shape[2], D, value.shape[-1], _DTYPES.index(query.dtype)]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return [B, Hq, key.shape[1], Lq, key.shape[2], D, value.shape[-1], _DTYPES.index(query.dtype), int(grad)]
 
 
-_FIELDS = ("batch", "query heads", "key/value heads", None, None, "head dim", "value head dim", "dtype")
+_FIELDS = ("batch", "query heads", "key/value heads", None, None, "head dim", "value head dim", "dtype",
+           "requires_grad (every rank runs the backward, or none)")
 
 
 def _agree(metas: list[list[int]], layout: str) -> tuple[list, list, int, int]:
