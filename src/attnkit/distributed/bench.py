@@ -24,8 +24,8 @@ from datetime import timedelta
 
 CASES = {  # name: (mask, layout, L)
     "window128": ("window", "contiguous", 65536),
-    "causal": ("causal", "contiguous", 8192),
-    "causal-zigzag": ("causal", "zigzag", 8192),
+    "causal": ("causal", "contiguous", 4096),
+    "causal-zigzag": ("causal", "zigzag", 4096),
 }
 B, H, D = 1, 4, 64
 

@@ -17,6 +17,8 @@ Grouped-query attention: query head ``h`` uses key/value head ``h // (Hq / Hkv)`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,10 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, q0: int, k0: int,
     Shape:
         q ``(B, Hq, l, D)``, k ``(B, Hkv, s, D)``, v ``(B, Hkv, s, Dv)`` -> ``(B, Hq, l, Dv)``, ``(B, Hq, l)``.
     """
-    return attention(q, k, v, mask=mask.offset(q0, k0, L=L, S=S), scale=scale, return_lse=True)
+    # the tiled kernel runs any plan with its lse; auto takes blocksparse for a shard of a window, 3.7x slower
+    # (1 x 4 x 16384 x 64, window 128); below 128 x 128 pairs auto's plain paths are faster
+    backend = "tiled" if q.shape[-2] * k.shape[-2] >= 128 * 128 else "auto"
+    return attention(q, k, v, mask=mask.offset(q0, k0, L=L, S=S), scale=scale, return_lse=True, backend=backend)
 
 
 def merge(out: Tensor | None, lse: Tensor | None, o: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,23 +52,37 @@ def merge(out: Tensor | None, lse: Tensor | None, o: Tensor, l: Tensor) -> tuple
     return out * wa.to(out.dtype) + o * wb.to(o.dtype), new
 
 
-def block_backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, dout: Tensor, delta: Tensor, mask: Mask,
-                   q0: int, k0: int, L: int, S: int, scale: float, key_range
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dQ, dK, dV)`` of one block, given the global ``lse`` and ``delta = rowsum(dO O)`` of its query rows.
+def _chunk_rows(nq: int, ns: int, heads: int, band: tuple[int, int] | None, tile: int) -> int:
+    """Query rows per backward chunk: ``rows x width`` scores per head within the budget, with ``width`` the
+    keys a chunk may see (``rows + left + right`` plus a tile each side for a band, else all ``ns``); for a band
+    about its width (fewer rows waste less of the rectangle, more rows cost more Python steps)."""
+    per_head = _BUDGET // max(1, heads)
+    if band is None:
+        return max(16, min(nq, per_head // max(1, ns)))
+    w = min(ns, band[0] + band[1] + 1 + 2 * tile)
+    most = int((-w + math.sqrt(w * w + 4 * per_head)) / 2)  # rows * (rows + w) = per_head
+    # about as many rows as the band is wide: the chunk's dense rows x (rows + w) rectangle stays mostly band
+    return max(16, min(nq, most, max(64, w)))
 
-    ``key_range(q0, q1, k0, k1)`` bounds the keys a chunk of query rows may see (the schedule's rule).
+
+def block_backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, dout: Tensor, delta: Tensor, mask: Mask,
+                   q0: int, k0: int, L: int, S: int, scale: float, key_range, band, tile: int,
+                   dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+    """Add ``(dQ, dK, dV)`` of one block into ``dq``, ``dk``, ``dv`` (views of the rank's gradients), given the
+    global ``lse`` and ``delta = rowsum(dO O)`` of its query rows.
+
+    ``key_range(q0, q1, k0, k1)`` bounds the keys a chunk of query rows may see (the schedule's rule); ``band``
+    and ``tile`` (the mask's band and the schedule's tile side) size the chunks.
 
     Shape:
         q ``(B, Hq, l, D)``, k ``(B, Hkv, s, D)``, v ``(B, Hkv, s, Dv)``, lse/delta ``(B, Hq, l)``,
-        dout ``(B, Hq, l, Dv)`` -> dq like q, dk like k, dv like v.
+        dout ``(B, Hq, l, Dv)``; dq like q, dk like k, dv like v.
     """
     B, Hq, nq, D = q.shape
     Hkv, ns, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     lse = torch.where(torch.isfinite(lse), lse, float("inf"))  # empty rows: P = 0
-    rows = max(16, min(nq, _BUDGET // max(1, B * Hq * ns)))
+    rows = _chunk_rows(nq, ns, B * Hq, band, tile)
     for c0 in range(0, nq, rows):
         c1 = min(nq, c0 + rows)
         rng = key_range(q0 + c0, q0 + c1, k0, k0 + ns)
@@ -86,6 +105,5 @@ def block_backward(q: Tensor, k: Tensor, v: Tensor, lse: Tensor, dout: Tensor, d
         # dS = P (dO V^T - rowsum(dO O))
         ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - delta[:, :, c0:c1].reshape(B, Hkv, G, c, 1))
         # dQ = scale dS K ; dK = scale dS^T Q
-        dq[:, :, c0:c1] = (torch.matmul(ds, kc) * scale).reshape(B, Hq, c, D)
+        dq[:, :, c0:c1] += (torch.matmul(ds, kc) * scale).reshape(B, Hq, c, D)
         dk[:, :, a:b] += torch.matmul(ds.transpose(-1, -2), qc).sum(2) * scale  # (B, Hkv, n, D)
-    return dq, dk, dv

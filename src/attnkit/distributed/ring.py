@@ -71,58 +71,70 @@ class _Ring:
     def recv(self, t: Tensor, frm: int, kind: int, s: int) -> dist.P2POp:
         return dist.P2POp(dist.irecv, t, self.peer(frm), self.group, tag=kind * self.P + s)
 
-    def kv_round(self, kv: Tensor, s: int) -> tuple[list, Tensor | None]:
-        """Post round ``s``: send my rows that ``r + s`` needs, receive the rows I need from ``r - s``."""
+    def kv_round(self, k: Tensor, v: Tensor, s: int) -> tuple[list, Tensor | None]:
+        """Post round ``s``: send my rows that ``r + s`` needs, receive the rows I need from ``r - s``; the
+        works and the receive buffer (keys and values side by side), None when nothing comes."""
         r, P, sc = self.rank, self.P, self.sched
         dst, src = (r + s) % P, (r - s) % P
         ops, buf = [], None
-        out = gather_rows(kv, sc.local_index(r, dst))
-        if out is not None:
-            ops.append(self.send(out, dst, _KV, s))
+        index = sc.local_index(r, dst)
+        if index:
+            ops.append(self.send(torch.cat([gather_rows(k, index), gather_rows(v, index)], dim=-1), dst, _KV, s))
         n = sc.rows(src, r)
         if n:
-            buf = kv.new_empty(*kv.shape[:2], n, kv.shape[-1])  # (B, Hkv, n, D + Dv)
+            buf = k.new_empty(*k.shape[:2], n, k.shape[-1] + v.shape[-1])  # (B, Hkv, n, D + Dv): one message
             ops.append(self.recv(buf, src, _KV, s))
         return self.post(ops), buf
 
 
-def gather_rows(x: Tensor, index: list[tuple[int, int, int]]) -> Tensor | None:
-    """The rows ``(local start, _, length)`` of ``x`` (B, H, n, d) concatenated, contiguous; None if none."""
-    if not index:
-        return None
-    return torch.cat([x[:, :, a:a + n] for a, _, n in index], dim=2).contiguous()  # (B, H, rows, d)
+def gather_rows(x: Tensor, index: list[tuple[int, int, int]]) -> Tensor:
+    """The rows ``(local start, _, length)`` of ``x`` (B, H, n, d) concatenated: (B, H, rows, d)."""
+    return torch.cat([x[:, :, a:a + n] for a, _, n in index], dim=2)
 
 
-def _compute(q, kv, D, blocks, sched, scale, out, lse):
-    """Forward of the blocks with keys/values ``kv`` (B, Hkv, n, D + Dv), merged into ``out`` / ``lse`` rows."""
-    m = sched.mask
+def _split(buf: Tensor, D: int) -> tuple[Tensor, Tensor]:
+    """A received ``(B, H, n, D + Dv)`` message as contiguous keys and values (the kernels gather rows of them)."""
+    return buf[..., :D].contiguous(), buf[..., D:].contiguous()
+
+
+def _compute(q, k, v, blocks, sched, scale, acc: dict) -> None:
+    """Forward of the blocks with keys ``k`` and values ``v``, merged into ``acc[query row] = (out, lse)``."""
     for ql, qg, nq, kl, kg, nk in blocks:
-        kb, vb = kv[:, :, kl:kl + nk, :D], kv[:, :, kl:kl + nk, D:]
-        o, l = _block.block_forward(q[:, :, ql:ql + nq], kb, vb, m, qg, kg, sched.L, sched.S, scale)
-        out[:, :, ql:ql + nq], lse[:, :, ql:ql + nq] = _block.merge(
-            out[:, :, ql:ql + nq], lse[:, :, ql:ql + nq], o, l)
+        o, l = _block.block_forward(q[:, :, ql:ql + nq], k[:, :, kl:kl + nk], v[:, :, kl:kl + nk], sched.mask,
+                                    qg, kg, sched.L, sched.S, scale)
+        acc[ql] = _block.merge(*acc.get(ql, (None, None)), o, l)
 
 
-def _grad(q, kv, D, blocks, sched, scale, lse, dout, delta, dq, dkv):
-    """Backward of the blocks with ``kv``: adds into ``dq`` (B, Hq, l, D) and ``dkv`` (rows of ``kv``)."""
-    m = sched.mask
+def _assemble(acc: dict, q: Tensor, Dv: int) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of every local query row from the merged segments (zeros / -inf where nothing was seen)."""
+    n = q.shape[2]
+    if list(acc) == [0] and acc[0][0].shape[2] == n:
+        return acc[0]
+    out = q.new_zeros(*q.shape[:-1], Dv)  # (B, Hq, l, Dv)
+    lse = q.new_full(q.shape[:-1], float("-inf"))  # (B, Hq, l)
+    for ql, (o, l) in acc.items():
+        out[:, :, ql:ql + o.shape[2]], lse[:, :, ql:ql + o.shape[2]] = o, l
+    return out, lse
+
+
+def _grad(q, k, v, blocks, sched, scale, lse, dout, delta, dq, dk, dv) -> None:
+    """Backward of the blocks with ``k``, ``v``: adds into ``dq`` (B, Hq, l, D) and ``dk``, ``dv`` (their rows)."""
     for ql, qg, nq, kl, kg, nk in blocks:
-        kb, vb = kv[:, :, kl:kl + nk, :D], kv[:, :, kl:kl + nk, D:]
-        gq, gk, gv = _block.block_backward(
-            q[:, :, ql:ql + nq], kb, vb, lse[:, :, ql:ql + nq], dout[:, :, ql:ql + nq], delta[:, :, ql:ql + nq],
-            m, qg, kg, sched.L, sched.S, scale, sched.key_range)
-        dq[:, :, ql:ql + nq] += gq
-        dkv[:, :, kl:kl + nk, :D] += gk
-        dkv[:, :, kl:kl + nk, D:] += gv
+        _block.block_backward(
+            q[:, :, ql:ql + nq], k[:, :, kl:kl + nk], v[:, :, kl:kl + nk], lse[:, :, ql:ql + nq],
+            dout[:, :, ql:ql + nq], delta[:, :, ql:ql + nq], sched.mask, qg, kg, sched.L, sched.S, scale,
+            sched.key_range, sched.band, sched.tile,
+            dq[:, :, ql:ql + nq], dk[:, :, kl:kl + nk], dv[:, :, kl:kl + nk])
 
 
-def _land(ring: _Ring, dkv: Tensor, works: list, got: Tensor | None, index) -> None:
-    """Wait for a round's key/value gradients and add those sent to me into ``dkv`` at their rows."""
+def _land(ring: _Ring, dk: Tensor, dv: Tensor, works: list, got: Tensor | None, index) -> None:
+    """Wait for a round's key/value gradients and add those sent to me into ``dk``, ``dv`` at their rows."""
     ring.wait(works)
     if got is not None:
-        off = 0
+        D, off = dk.shape[-1], 0
         for a, _, n in index:
-            dkv[:, :, a:a + n] += got[:, :, off:off + n]
+            dk[:, :, a:a + n] += got[:, :, off:off + n, :D]
+            dv[:, :, a:a + n] += got[:, :, off:off + n, D:]
             off += n
 
 
@@ -131,53 +143,54 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, ring: _Ring, scale: float):
         r, P, sc = ring.rank, ring.P, ring.sched
         D = k.shape[-1]
-        kv = torch.cat([k, v], dim=-1).contiguous()  # (B, Hkv, l, D + Dv)
-        out = q.new_zeros(*q.shape[:-1], v.shape[-1])  # (B, Hq, l, Dv)
-        lse = q.new_full(q.shape[:-1], float("-inf"))  # (B, Hq, l)
-        pending = ring.kv_round(kv, 1) if P > 1 else ([], None)
-        _compute(q, kv, D, sc.blocks(r, r, True), sc, scale, out, lse)
+        acc: dict = {}
+        pending = ring.kv_round(k, v, 1) if P > 1 else ([], None)
+        _compute(q, k, v, sc.blocks(r, r, True), sc, scale, acc)
         for s in range(1, P):
             works, buf = pending
-            pending = ring.kv_round(kv, s + 1) if s + 1 < P else ([], None)
+            pending = ring.kv_round(k, v, s + 1) if s + 1 < P else ([], None)
             ring.wait(works)
             if buf is not None:
-                _compute(q, buf, D, sc.blocks(r, (r - s) % P, False), sc, scale, out, lse)
-        ctx.save_for_backward(q, kv, out, lse)
-        ctx.ring, ctx.scale, ctx.D = ring, scale, D
+                _compute(q, *_split(buf, D), sc.blocks(r, (r - s) % P, False), sc, scale, acc)
+                del buf
+        out, lse = _assemble(acc, q, v.shape[-1])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.scale = ring, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, kv, out, lse = ctx.saved_tensors
-        ring, scale, D = ctx.ring, ctx.scale, ctx.D
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, scale, D = ctx.ring, ctx.scale, k.shape[-1]
         r, P, sc = ring.rank, ring.P, ring.sched
         dout = dout.contiguous()
         delta = (dout * out).sum(-1)  # (B, Hq, l): rowsum(dO O)
-        dq, dkv = torch.zeros_like(q), torch.zeros_like(kv)
-        pending = ring.kv_round(kv, 1) if P > 1 else ([], None)
-        _grad(q, kv, D, sc.blocks(r, r, True), sc, scale, lse, dout, delta, dq, dkv)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        pending = ring.kv_round(k, v, 1) if P > 1 else ([], None)
+        _grad(q, k, v, sc.blocks(r, r, True), sc, scale, lse, dout, delta, dq, dk, dv)
         back: list = []  # gradients in flight: (works, buffer received, rows of mine it belongs to)
         for s in range(1, P):
             works, buf = pending
-            pending = ring.kv_round(kv, s + 1) if s + 1 < P else ([], None)
+            pending = ring.kv_round(k, v, s + 1) if s + 1 < P else ([], None)
             ring.wait(works)
             src, dst = (r - s) % P, (r + s) % P
             ops, got = [], None
             if buf is not None:
-                g = torch.zeros_like(buf)
-                _grad(q, buf, D, sc.blocks(r, src, False), sc, scale, lse, dout, delta, dq, g)
-                ops.append(ring.send(g, src, _DKV, s))  # the gradient of src's rows goes home
+                kb, vb = _split(buf, D)
+                gk, gv = torch.zeros_like(kb), torch.zeros_like(vb)
+                _grad(q, kb, vb, sc.blocks(r, src, False), sc, scale, lse, dout, delta, dq, gk, gv)
+                ops.append(ring.send(torch.cat([gk, gv], dim=-1), src, _DKV, s))  # src's rows' gradients go home
             index = sc.local_index(r, dst)
             if index:
-                got = kv.new_empty(*kv.shape[:2], sum(n for _, _, n in index), kv.shape[-1])
+                got = k.new_empty(*k.shape[:2], sum(n for _, _, n in index), D + v.shape[-1])
                 ops.append(ring.recv(got, dst, _DKV, s))
             back.append((ring.post(ops), got, index))
             if len(back) > 1:  # the previous round's gradients: at most two rounds' buffers alive
-                _land(ring, dkv, *back.pop(0))
+                _land(ring, dk, dv, *back.pop(0))
         for item in back:
-            _land(ring, dkv, *item)
-        return dq, dkv[..., :D], dkv[..., D:], None, None
+            _land(ring, dk, dv, *item)
+        return dq, dk, dv, None, None
 
 
 def _local_meta(query, key, value, layout, scale) -> list[int]:
@@ -297,5 +310,6 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | Te
     mask.check((B, Hq, L, S))
     scale = 1.0 / math.sqrt(meta[5]) if scale is None else float(scale)
     ring = _Ring(group, Schedule(mask, q_segs, k_segs, L, S), rank, P, None)
-    out, lse = _RingAttention.apply(query, key, value, ring, scale)
+    # contiguous rows: the kernels gather rows of k and v (a strided view makes that ~30x slower)
+    out, lse = _RingAttention.apply(query.contiguous(), key.contiguous(), value.contiguous(), ring, scale)
     return (out, lse) if return_lse else out
