@@ -25,7 +25,7 @@ from torch import Tensor
 from attnkit.functional import attention
 from attnkit.masks import Mask
 
-_BUDGET = 1 << 22  # score elements per backward chunk (16 MiB in float32)
+_BUDGET = 1 << 20  # score elements per backward chunk (4 MiB in float32)
 
 
 def block_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, q0: int, k0: int, L: int, S: int,
