@@ -98,3 +98,17 @@ def test_window_needs_only_the_halos():
         for o in range(P):
             want = 3 if o == d - 1 else 2 if o == d + 1 else 16 if o == d else 0
             assert sched.rows(o, d) == want, (o, d)
+
+
+def test_causal_sends_no_key_backwards_and_documents_stay_home():
+    """Contiguous causal: rank o's keys go only to ranks after it. Documents ending on slice boundaries: no
+    transfer at all. A mask_mod's empty blocks are skipped the same way (planned from index intervals)."""
+    P, n = 4, 64
+    segs = segments("contiguous", P, n)
+    causal = Schedule(masks.causal(), segs, segs, n, n)
+    docs = Schedule(masks.documents([16, 16, 16, 16]), segs, segs, n, n)
+    same_quarter = Schedule(masks.mask_mod(lambda b, h, q, k: q // 16 == k // 16), segs, segs, n, n)
+    for d in range(P):
+        for o in range(P):
+            assert causal.rows(o, d) == (16 if o <= d else 0), (o, d)
+            assert docs.rows(o, d) == same_quarter.rows(o, d) == (16 if o == d else 0), (o, d)
