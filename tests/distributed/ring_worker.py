@@ -98,6 +98,21 @@ def check_halo(rank, P):
     return out
 
 
+def check_group(rank, P):
+    """Two rings of two ranks side by side (``group=``): each equals attention on its own sequence."""
+    if P != 4:
+        return
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    mine, r = groups[rank // 2], rank % 2
+    g = torch.Generator().manual_seed(100 + rank // 2)
+    q, k, v = (torch.randn(1, 2, 10, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    want = attention(q, k, v, mask=masks.causal())
+    got = ring_attention(*(shard(t, r, 2) for t in (q, k, v)), mask=masks.causal(), group=mine)
+    err = (got - shard(want, r, 2)).abs().max().item()
+    if not err <= 1e-10:
+        raise AssertionError(f"group= ring on rank {rank}: out differs by {err:.3g}")
+
+
 def check_errors(rank, P):
     """A mismatched shard and a rank's bad argument raise on every rank (and the group stays usable)."""
     q = torch.randn(1, 2, 4, 8)
@@ -143,6 +158,7 @@ def main() -> None:
     for c in cases(P):
         check_case(*c, rank, P)
     check_halo(rank, P)
+    check_group(rank, P)
     check_errors(rank, P)
     dist.barrier()
     print(f"rank {rank}: {len(cases(P))} cases ok", flush=True)
