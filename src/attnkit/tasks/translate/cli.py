@@ -207,6 +207,10 @@ def cmd_train(args) -> int:
         cfg = build_config(args)
     except (ValueError, TypeError) as exc:
         return _fail(str(exc), 2)
+    from attnkit.tasks.translate import distributed
+
+    if distributed.world_size() > 1:  # under torchrun: DistributedDataParallel, rank 0 holds --out
+        return distributed.cmd_train(args, cfg, _train_locked)
     with run_lock(args.out):  # held until training ends: a second trainer on this --out is refused
         return _train_locked(args, cfg, Path(args.out))
 

@@ -200,10 +200,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     ``status`` is ``"done"``, ``"interrupted"`` (Ctrl-C) or ``"time limit"``; in every case the checkpoint in
     ``run_dir`` holds the last finished step. ``on_step(global_step)`` is called after every optimizer step.
     """
+    from attnkit.tasks.translate import distributed
     from attnkit.tasks.translate.runlock import run_lock
 
+    par = distributed.current()  # None on one process; under torchrun, rank 0 holds the directory (and lock)
+    if par is not None and not par.is_main:
+        return _train(cfg, Path(run_dir), resume=resume, progress=False, on_step=on_step, par=par)
+    if par is not None:
+        par.announce(cfg, resume)
     with run_lock(run_dir):  # one trainer per run directory, until this one ends (kill -9 included)
-        return _train(cfg, Path(run_dir), resume=resume, progress=progress, on_step=on_step)
+        return _train(cfg, Path(run_dir), resume=resume, progress=progress, on_step=on_step, par=par)
 
 
 def _check_data(cfg: TrainConfig, splits: dict[str, list[Pair]], src_vocab: Vocab, tgt_vocab: Vocab) -> None:
@@ -222,10 +228,13 @@ def _check_data(cfg: TrainConfig, splits: dict[str, list[Pair]], src_vocab: Voca
                                  "split (every word is rarer); lower --min-freq")
 
 
-def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_step) -> dict:
+def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_step, par=None) -> dict:
     if resume:
         meta, tensors = ckpt.load_checkpoint(run_dir)
-        ckpt.collect_garbage(run_dir)  # what a killed trainer left behind (we hold the lock)
+        if par is not None:
+            par.barrier()  # every rank has read the checkpoint before rank 0 tidies the directory
+        if par is None or par.is_main:
+            ckpt.collect_garbage(run_dir)  # what a killed trainer left behind (we hold the lock)
         saved = TrainConfig.from_dict(meta["train"])
         cfg = dataclasses.replace(saved, epochs=cfg.epochs, max_minutes=cfg.max_minutes)
         src_vocab, tgt_vocab = vocabulary.from_meta(meta["src_vocab"]), vocabulary.from_meta(meta["tgt_vocab"])
@@ -241,6 +250,9 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
         src_vocab, tgt_vocab = (vocabulary.build(cfg.vocab, [getattr(p, side) for p in splits["train"]],
                                                  min_freq=cfg.min_freq, vocab_size=cfg.vocab_size)
                                 for side in ("src", "tgt"))
+        if par is not None:  # one vocabulary for all ranks: rank 0's (a subword one is learned, not counted)
+            shared = par.share([vocabulary.to_meta(src_vocab), vocabulary.to_meta(tgt_vocab)])
+            src_vocab, tgt_vocab = (vocabulary.from_meta(v) for v in shared)
     _check_data(cfg, splits, src_vocab, tgt_vocab)
     mcfg = model_config(cfg, src_vocab, tgt_vocab, limit)
     max_tokens = cfg.max_tokens if cfg.max_tokens is not None else cfg.batch_size * (2 * limit + 1)
@@ -266,6 +278,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
+    loss_of = model.loss if par is None else par.wrap(model)  # DistributedDataParallel under torchrun
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     epoch, start, history, sums = 0, 0, [], {"loss": 0.0, "tokens": 0}
     global_step = 0
@@ -286,6 +299,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
                                  "averaged weights it holds")
 
     def save(status: str) -> None:
+        if par is not None and not par.is_main:
+            return
         meta_out = {"train": dataclasses.asdict(cfg), "model": mcfg, "src_vocab": vocabulary.to_meta(src_vocab),
                     "tgt_vocab": vocabulary.to_meta(tgt_vocab), "history": history, "status": status,
                     "progress": {"epoch": epoch, "step": start, "global_step": global_step, "sums": sums,
@@ -307,12 +322,17 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
             t_epoch, tokens_epoch = time.perf_counter(), 0
             for b in range(start, n_batches):
                 batch = [train_items[i] for i in batches[b]]
+                if par is not None:
+                    batch = par.shard(batch)
                 src, src_lens, tgt_in, tgt_out = collate(batch, bos, eos)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, global_step, steps_per_epoch)
-                loss, n_tok = model.loss(src, src_lens, tgt_in, tgt_out, label_smoothing=cfg.label_smoothing)
+                loss, n_tok = loss_of(src, src_lens, tgt_in, tgt_out, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                (loss / n_tok).backward()
+                if par is None:
+                    (loss / n_tok).backward()
+                else:  # this rank's share of the global batch's mean; the global loss sum and token count
+                    loss, n_tok = par.backward(loss, n_tok)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 optimizer.step()
                 global_step += 1
@@ -330,6 +350,8 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, progress: bool, on_
                     status = "interrupted"
                 elif cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
                     status = "time limit"
+                if par is not None:
+                    status = par.agree(status)  # every rank stops after the same step
                 if status != "done" and start < n_batches:
                     break
             if bar is not None:
