@@ -348,3 +348,16 @@ def test_invalid_inputs_raise_torch_exception_types():
 def test_torch_jit_script_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="torch.compile"):
         torch.jit.script(MultiheadAttention(E, H))
+
+
+@torch.no_grad()
+def test_a_bias_of_another_dtype_is_promoted_as_torch_does():
+    t, c = pair(batch_first=True)
+    t, c = t.double(), c.double()
+    for m in (t, c):
+        m.in_proj_bias = torch.nn.Parameter(m.in_proj_bias.half())
+    x = inputs(True)[0].double()
+    out_t, _ = t(x, x, x)  # torch: the dtypes differ, so no fast path; matmul + add promote
+    out_c, _ = c(x, x, x)
+    assert out_c.dtype == out_t.dtype == torch.float64
+    torch.testing.assert_close(out_c, out_t, atol=1e-10, rtol=0)

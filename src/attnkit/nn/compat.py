@@ -209,6 +209,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         # Q = query W_q + b_q, K = key W_k + b_k, V = value W_v + b_v
         w_q, w_k, w_v = self._in_proj_weights()
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        if b_q is not None and b_q.dtype != w_q.dtype:  # torch promotes a bias of another dtype (matmul + add)
+            dt = torch.promote_types(b_q.dtype, w_q.dtype)
+            b_q, b_k, b_v = b_q.to(dt), b_k.to(dt), b_v.to(dt)
         q = F.linear(query, w_q, b_q)  # (N, L, E)
         k = F.linear(key, w_k, b_k)  # (N, S, E)
         v = F.linear(value, w_v, b_v)  # (N, S, E)
