@@ -361,3 +361,17 @@ def test_a_bias_of_another_dtype_is_promoted_as_torch_does():
     out_c, _ = c(x, x, x)
     assert out_c.dtype == out_t.dtype == torch.float64
     torch.testing.assert_close(out_c, out_t, atol=1e-10, rtol=0)
+
+
+def test_is_causal_hint_replaces_the_mask_as_torch_does():
+    """torch: is_causal with no key padding and need_weights=False runs SDPA's causal mask (top-left) and does
+    not read attn_mask, even one of another size (here L = 1 query against S = 1 key, mask 2 x 2)."""
+    t, c = pair(batch_first=False)
+    x = inputs(False)[0][:1]  # (1, N, E)
+    wrong = torch.nn.Transformer.generate_square_subsequent_mask(2)
+    out_t, _ = t(x, x, x, attn_mask=wrong, need_weights=False, is_causal=True)
+    out_c, _ = c(x, x, x, attn_mask=wrong, need_weights=False, is_causal=True)
+    torch.testing.assert_close(out_c, out_t, atol=ATOL, rtol=0)
+    xl = inputs(False)[0]  # (L, N, E) with a real causal mask: the same either way
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L)
+    assert_same(t, c, xl, xl, xl, attn_mask=causal, need_weights=False, is_causal=True)

@@ -173,7 +173,13 @@ class MultiheadAttention(nn.MultiheadAttention):
                 "Need attn_mask if specifying the is_causal hint (as in torch.nn.MultiheadAttention); pass "
                 "attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(L)."
             )
-        allowed, add = self._convert_masks(key_padding_mask, attn_mask, N, L, S, query.dtype)
+        # torch: with the hint, no key padding and no weights asked, the hint replaces attn_mask (SDPA's
+        # is_causal, top-left aligned), whatever attn_mask holds
+        causal_hint = is_causal and key_padding_mask is None and not need_weights
+        allowed, add = self._convert_masks(key_padding_mask, None if causal_hint else attn_mask, N, L, S,
+                                           query.dtype)
+        if causal_hint:
+            allowed = _masks.causal(align="top_left")
         out, weights = self._attend(query, key, value, allowed, add, need_weights)  # (L, N, E), (N, H, L, S)
         if not is_batched:
             out = out.squeeze(1)  # (L, E), contiguous as torch's
