@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "attnkit"
 
 # rank of each top-level part of the package: a module may import its own rank or lower
 RANK = {"_argtypes": 0, "_checks": 0, "_io": 0, "_progress": 0, "masks": 1, "scores": 1, "softmax": 1, "kernels": 2,
-        "functional": 3, "flex": 3, "nn": 4, "tasks": 5, "bench": 5, "viz": 5, "cli": 6, "__main__": 7}
-RANK["distributed"] = 4  # ring attention over torch.distributed: functional, kernels and masks below it (issue 14)
+        "functional": 3, "flex": 3, "nn": 4, "distributed": 4, "tasks": 5, "bench": 5, "viz": 5,
+        "integrations": 5, "cli": 6, "__main__": 7}
 
 # the shared vocabulary every layer speaks (masks, score functions, normalizers): the lowest layer above the
 # helpers, importing nothing from attnkit but `_checks` and itself (checked below).

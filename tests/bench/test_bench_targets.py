@@ -38,7 +38,15 @@ def _all_pass():
         _case("flex_alibi_fwdbwd", "fa", L=8192, mode="fwd+bwd", attnkit=3.9, causal=2.0),
         _case("flex_cbm_Lmain", "cbm", L=16384, attnkit=0.9, torch=1.0),
         _case("flex_cbm_Llong", "cbml", L=65536, attnkit=(1.0, 400)),
+        _case("hf_prefill", "hfp", L=16384, attnkit=(10.0, 440), sdpa=(31.0, 900)),
+        _hf_train(),
     ]
+
+
+def _hf_train():
+    case = _case("hf_train", "hft", L=8192, mode="fwd+bwd", attnkit=(14.0, 3000))
+    case["impls"]["flex"] = {"median_s": None, "error": "skipped: transformers' flex_attention refuses: 'no CPU bwd'"}
+    return case
 
 
 def _verdicts(results):
@@ -75,6 +83,9 @@ def test_one_verdict_per_done_when_line_all_pass():
     ("flex_alibi_fwdbwd", "attnkit", 4.1, "ALiBi"),
     ("flex_cbm_Lmain", "attnkit", 1.01, "L=16384: under 1 s"),
     ("flex_cbm_Llong", "attnkit", (1.0, 410), "no L x S"),
+    ("hf_prefill", "sdpa", 29.0, "prefill L=16384: >= 3 x"),
+    ("hf_prefill", "attnkit", (10.0, 460), "half of sdpa's peak memory"),
+    ("hf_train", "flex", 20.0, "where flex_attention refuses"),  # flex ran: nothing was refused
 ])
 def test_each_threshold_flips_to_miss(role, impl, value, words):
     results = copy.deepcopy(_all_pass())
@@ -103,7 +114,7 @@ def test_missing_anchor_or_case_is_skip_with_the_reason():
     assert flex["verdict"] == "SKIP" and "does not compile here" in flex["measured"]
     graph = [v for k, v in out.items() if k.startswith("graph")]
     assert [v["verdict"] for v in graph] == ["SKIP", "SKIP"] and "not run" in graph[0]["measured"]
-    assert targets.format_summary(list(out.values())).endswith("17 PASS, 0 MISS, 3 SKIP")
+    assert targets.format_summary(list(out.values())).endswith("20 PASS, 0 MISS, 3 SKIP")
 
 
 def test_additive_memory_needs_a_measured_broadcast():

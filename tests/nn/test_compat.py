@@ -231,3 +231,147 @@ def test_autocast_mixed_dtypes_like_torch():
     assert out_c.dtype == out_t.dtype
     torch.testing.assert_close(out_c.float(), out_t.float(), atol=3e-2, rtol=0)
     torch.testing.assert_close(w_c.float(), w_t.float(), atol=3e-2, rtol=0)
+
+
+# ---- the swap changes nothing downstream: layouts, graph capture, nested input, exception types ----------------
+
+def _modes():
+    """(training, no_grad): torch's slow path in training and with autograd, its fast path in eval + no_grad."""
+    return [(True, False), (False, False), (False, True)]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("training,no_grad", _modes())
+def test_output_strides_match_torch_per_layout_and_path(batch_first, training, no_grad):
+    t, c = pair(batch_first=batch_first)
+    t.train(training), c.train(training)
+    q, k, v = inputs(batch_first)
+    unbatched = tuple(a[:, 0] if not batch_first else a[0] for a in (q, k, v))
+    calls = [((q, q, q), {}), ((q, k, v), {}), ((q, q, q), dict(need_weights=False)),
+             ((q, q, q), dict(average_attn_weights=False)), (unbatched, {}),
+             ((q, q, q), dict(key_padding_mask=ignore_mask(N, L)))]
+    seen = []
+    with torch.set_grad_enabled(not no_grad):
+        for args, kw in calls:
+            out_t, w_t = t(*args, **kw)
+            out_c, w_c = c(*args, **kw)
+            assert out_c.stride() == out_t.stride(), (args[0].shape, kw)
+            if w_t is not None:
+                assert w_c.stride() == w_t.stride(), (args[0].shape, kw)
+            seen.append(out_t.is_contiguous())
+            torch.testing.assert_close(out_c, out_t, atol=ATOL, rtol=0)
+    if batch_first:  # self-attention (q, q, q): torch's slow path hands back a transposed view, its fast path not
+        assert seen[0] == (no_grad and not training)
+
+
+def test_a_following_dropout_draws_the_same_pattern():
+    """Seeded training reproduces across the swap: nn.Dropout on the output draws per memory layout."""
+    t, c = pair(batch_first=True)
+    t.train(), c.train()
+    x = inputs(True)[0]
+    drop = torch.nn.Dropout(0.5)
+    outs = []
+    for m in (t, c):
+        torch.manual_seed(7)
+        outs.append(drop(m(x, x, x, need_weights=False)[0]))
+    assert (outs[0] == 0).any()
+    torch.testing.assert_close(outs[1], outs[0], atol=ATOL, rtol=0)
+
+
+def test_compile_fullgraph_and_export_with_masks():
+    _, c = pair(batch_first=True)
+    x = inputs(True)[0]
+    kw = dict(key_padding_mask=ignore_mask(N, L), attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(L))
+    ref = c(x, x, x, **kw)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(c, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    torch.testing.assert_close(compiled(x, x, x, **kw)[0], ref, atol=ATOL, rtol=0)
+    exported = torch.export.export(c, (x, x, x), kw)
+    torch.testing.assert_close(exported.module()(x, x, x, **kw)[0], ref, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_nested_tensor_input_where_torch_accepts_it(need_weights):
+    t, c = pair(batch_first=True)
+    g = torch.Generator().manual_seed(4)
+    nt = torch.nested.nested_tensor([torch.randn(3, E, generator=g), torch.randn(5, E, generator=g)])
+    out_t, w_t = t(nt, nt, nt, need_weights=need_weights)
+    out_c, w_c = c(nt, nt, nt, need_weights=need_weights)
+    assert out_c.is_nested and out_t.is_nested
+    for a, b in zip(out_t.unbind(), out_c.unbind(), strict=True):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+    if need_weights:
+        torch.testing.assert_close(w_c, w_t, atol=ATOL, rtol=0)
+    t.train(), c.train()  # off torch's fast path: torch refuses NestedTensor with AssertionError, so do we
+    for m in (t, c):
+        with pytest.raises(AssertionError, match="NestedTensor outside of its fast path"):
+            m(nt, nt, nt)
+
+
+def test_invalid_inputs_raise_torch_exception_types():
+    """Each bad call raises in torch and in the compat class alike: torch's type (AssertionError for shapes,
+    RuntimeError for is_causal without a mask) and, for ours, also ValueError / TypeError."""
+    for batch_first in (True, False):
+        t, c = pair(batch_first=batch_first)
+        q3, q2 = torch.randn(4, 4, E), torch.randn(4, E)
+        b = torch.tensor([False, True, True, False])
+        cases = [
+            (q3, torch.randn(4, E), q3, {}), (q3, q3, torch.randn(4, E), {}),
+            (q3, q3, q3, dict(key_padding_mask=b)), (q3, q3, q3, dict(attn_mask=b)),
+            (q2, q3, q2, {}), (q2, q2, q3, {}), (q2, q2, q2, dict(key_padding_mask=b[None].repeat(2, 2))),
+            (q2, q2, q2, dict(attn_mask=b)), (q2, q2, q2, dict(attn_mask=torch.zeros(5, 4, 4, dtype=torch.bool))),
+            (torch.randn(E), torch.randn(E), torch.randn(E), {}),
+        ]
+        for q, k, v, kw in cases:
+            with pytest.raises(AssertionError) as torch_error:
+                t(q, k, v, **kw)
+            with pytest.raises(AssertionError) as ours:
+                c(q, k, v, **kw)
+            assert isinstance(ours.value, ValueError)
+            words = str(torch_error.value).split(" but ")[0]  # torch's wording, up to what it found
+            assert words in str(ours.value), (str(torch_error.value), str(ours.value))
+        with pytest.raises(RuntimeError):
+            t(q3, q3, q3, is_causal=True)
+        with pytest.raises(RuntimeError):
+            c(q3, q3, q3, is_causal=True)
+        with pytest.raises(AssertionError):  # torch: only bool and floating masks
+            t(q3, q3, q3, key_padding_mask=torch.zeros(4, 4, dtype=torch.uint8))
+        with pytest.raises(AssertionError, match="only bool and floating types"):
+            c(q3, q3, q3, key_padding_mask=torch.zeros(4, 4, dtype=torch.uint8))
+    with pytest.raises(AssertionError, match="embed_dim must be divisible by num_heads"):
+        torch.nn.MultiheadAttention(10, 4)
+    with pytest.raises(AssertionError, match="embed_dim must be divisible by num_heads"):
+        MultiheadAttention(10, 4)
+
+
+def test_torch_jit_script_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="torch.compile"):
+        torch.jit.script(MultiheadAttention(E, H))
+
+
+@torch.no_grad()
+def test_a_bias_of_another_dtype_is_promoted_as_torch_does():
+    t, c = pair(batch_first=True)
+    t, c = t.double(), c.double()
+    for m in (t, c):
+        m.in_proj_bias = torch.nn.Parameter(m.in_proj_bias.half())
+    x = inputs(True)[0].double()
+    out_t, _ = t(x, x, x)  # torch: the dtypes differ, so no fast path; matmul + add promote
+    out_c, _ = c(x, x, x)
+    assert out_c.dtype == out_t.dtype == torch.float64
+    torch.testing.assert_close(out_c, out_t, atol=1e-10, rtol=0)
+
+
+def test_is_causal_hint_replaces_the_mask_as_torch_does():
+    """torch: is_causal with no key padding and need_weights=False runs SDPA's causal mask (top-left) and does
+    not read attn_mask, even one of another size (here L = 1 query against S = 1 key, mask 2 x 2)."""
+    t, c = pair(batch_first=False)
+    x = inputs(False)[0][:1]  # (1, N, E)
+    wrong = torch.nn.Transformer.generate_square_subsequent_mask(2)
+    out_t, _ = t(x, x, x, attn_mask=wrong, need_weights=False, is_causal=True)
+    out_c, _ = c(x, x, x, attn_mask=wrong, need_weights=False, is_causal=True)
+    torch.testing.assert_close(out_c, out_t, atol=ATOL, rtol=0)
+    xl = inputs(False)[0]  # (L, N, E) with a real causal mask: the same either way
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(L)
+    assert_same(t, c, xl, xl, xl, attn_mask=causal, need_weights=False, is_causal=True)

@@ -203,6 +203,22 @@ def _cbm_memory(by_role):
                               f"({_time(case, 'attnkit'):.2f} s; {case['id']})")
 
 
+def _hf_memory(by_role):
+    case = _case(by_role, "hf_prefill")
+    a, s = _memory(case, "attnkit"), _memory(case, "sdpa")
+    return a < 0.5 * s, f"peak {a / 2**20:.0f} MB vs sdpa {s / 2**20:.0f} MB = {a / s:.2f} (needs < 0.5; {case['id']})"
+
+
+def _hf_train(by_role):
+    case = _case(by_role, "hf_train")
+    t = _time(case, "attnkit")
+    flex = case["impls"].get("flex") or {}
+    refused = flex.get("median_s") is None and "refuses" in (flex.get("error") or "")
+    mem = case["impls"]["attnkit"].get("peak_mb")
+    return refused, (f"attnkit {t:.2f} s" + (f", peak {mem:.0f} MB" if mem is not None else "")
+                     + f"; flex: {flex.get('error', 'ran')} ({case['id']})")
+
+
 #: (issue 5's words, judge) in the issue's order; a judge returns (ok, what was measured) or raises _Skip
 TARGETS: list[tuple[str, Callable[[dict], tuple[bool, str]] | None]] = [
     ("dense and causal: attnkit time <= 1.05 x SDPA's", _dense_causal),
@@ -231,6 +247,11 @@ TARGETS: list[tuple[str, Callable[[dict], tuple[bool, str]] | None]] = [
      lambda r: _slower_at_most("flex_alibi_fwdbwd", "causal", 2.0)(r)),
     ("[11] create_block_mask of a sliding window, L=16384: under 1 s", _cbm_time),
     ("[11] create_block_mask of a sliding window, L=65536: no L x S allocation (peak << 4.3 GB)", _cbm_memory),
+    # issue 13: attnkit inside Hugging Face transformers
+    ("[13] Mistral-shaped model, window 256, prefill L=16384: >= 3 x faster than transformers' sdpa",
+     _faster("hf_prefill", "sdpa", 3)),
+    ("[13] Mistral-shaped model, window 256, prefill L=16384: under half of sdpa's peak memory", _hf_memory),
+    ("[13] Mistral-shaped model, training step L=8192: attnkit runs where flex_attention refuses", _hf_train),
     ("every kernel vs float64 reference, gradcheck, zero rows, non-finite rule (tests in CI)", None),
 ]
 
@@ -255,7 +276,7 @@ def evaluate(results: list[dict]) -> list[dict]:
 def format_summary(verdicts: list[dict], *, quick: bool = False) -> str:
     """The PASS/MISS block printed under the table: one line per target, then the counts."""
     width = max(len(v["target"]) for v in verdicts)
-    head = "Done when (issue 5; [11] = issue 11)"
+    head = "Done when (issue 5; [11] = issue 11; [13] = issue 13)"
     if quick:
         head += " -- judged at --quick sizes, NOT the issue's settings"
     lines = [head]
