@@ -9,7 +9,7 @@ Every question a kernel or :func:`attnkit.functional.attention` asks goes throug
 ``plan(L, S, block)``              the :class:`~attnkit.masks.BlockMask` of non-empty tiles (cached)
 ``unused_keys(L, S, nd, device)``  keys no query may see (their NaN/inf must not leak), or None
 ``check(scores_shape)``            ValueError if the mask cannot apply to scores of that shape
-``window()``                       ``(left, right, shift)`` if the mask is exactly a band, else None
+``window()``                       ``(left, right)`` if the mask is exactly a bottom-right band, else None
 ``edges(N)``                       the ``(2, E)`` edge list if the mask is a graph, else None
 ``is_full``                        every pair allowed
 =================================  =====================================================================
@@ -101,9 +101,9 @@ class Mask:
     def check(self, scores_shape: tuple[int, ...]) -> None:
         """Raise ``ValueError`` if the mask cannot apply to scores of ``scores_shape`` (nothing materialized)."""
 
-    def window(self) -> tuple[int, int, int] | None:
-        """``(left, right, shift)`` when the mask is exactly ``shift + i - left <= j <= shift + i + right`` with
-        finite widths and ``shift = S - L`` (bottom-right), else None. The window kernel serves such masks."""
+    def window(self) -> tuple[int, int] | None:
+        """``(left, right)`` when the mask is exactly ``shift + i - left <= j <= shift + i + right`` with finite
+        widths and ``shift = S - L`` (bottom-right), else None. The window kernel serves such masks."""
         return None
 
     def band(self) -> tuple[int, int] | None:
