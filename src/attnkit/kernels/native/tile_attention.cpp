@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -114,6 +115,19 @@ inline T exp_sum(T* x, int64_t n, T shift) {
   return sum;
 }
 
+// Jobs [0, total) handed out one at a time to at::parallel_for's threads (each runs init() once, then body(job)
+// for every job it takes): a thread slowed by another process on its core simply takes fewer jobs, where a
+// static split would make the whole call wait for it.
+template <typename Init, typename Body>
+inline void dynamic_for(int64_t total, Init init, Body body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = init();
+    for (int64_t job = next.fetch_add(1); job < total; job = next.fetch_add(1)) body(state, job);
+  });
+}
+
 struct Plan {
   const int64_t* ptr;   // (nq + 1,)
   const int64_t* col;   // (T,) key tile ids, ascending within a block
@@ -159,9 +173,15 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
   const int64_t L = pl.L, S = pl.S, Bq = pl.block;
   const int64_t nq = (L + Bq - 1) / Bq;
   const T ninf = -std::numeric_limits<T>::infinity();
-  at::parallel_for(0, N * nq, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> sbuf(Bq * std::max(kMaxRun, pl.block)), obuf(Bq * Dv), mrow(Bq), lrow(Bq), alpha(Bq);
-    for (int64_t job = lo; job < hi; ++job) {
+  struct Scratch {
+    std::vector<T> sbuf, obuf, mrow, lrow, alpha;
+  };
+  dynamic_for(N * nq, [&] {
+    return Scratch{std::vector<T>(Bq * std::max(kMaxRun, pl.block)), std::vector<T>(Bq * Dv), std::vector<T>(Bq),
+                   std::vector<T>(Bq), std::vector<T>(Bq)};
+  }, [&](Scratch& sc, int64_t job) {
+    auto& sbuf = sc.sbuf; auto& obuf = sc.obuf; auto& mrow = sc.mrow; auto& lrow = sc.lrow; auto& alpha = sc.alpha;
+    {
       const int64_t n = job / nq, b = job % nq;
       const int64_t q0 = b * Bq, m = std::min(Bq, L - q0);
       const T* qb = q + (n * L + q0) * D;
@@ -215,10 +235,15 @@ void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* do
                    T* dv, const Plan& pl, int64_t N, int64_t D, int64_t Dv, T scale) {
   const int64_t L = pl.L, S = pl.S, Bq = pl.block;
   const int64_t nq = (L + Bq - 1) / Bq;
-  at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
-    const int64_t width = std::max(kMaxRun, pl.block);
-    std::vector<T> pbuf(Bq * width), dsbuf(Bq * width), delta(Bq), lrow(Bq);
-    for (int64_t n = lo; n < hi; ++n) {
+  struct Scratch {
+    std::vector<T> pbuf, dsbuf, delta, lrow;
+  };
+  const int64_t width = std::max(kMaxRun, pl.block);
+  dynamic_for(N, [&] {
+    return Scratch{std::vector<T>(Bq * width), std::vector<T>(Bq * width), std::vector<T>(Bq), std::vector<T>(Bq)};
+  }, [&](Scratch& sc, int64_t n) {
+    auto& pbuf = sc.pbuf; auto& dsbuf = sc.dsbuf; auto& delta = sc.delta; auto& lrow = sc.lrow;
+    {
       const T* kn = k + n * S * D;
       const T* vn = v + n * S * Dv;
       T* dkn = dk + n * S * D;
