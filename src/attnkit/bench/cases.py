@@ -187,6 +187,9 @@ def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
     from attnkit.bench.cases_flex import flex_cases
 
     cases.extend(flex_cases(quick, with_flex=flex))
+    from attnkit.bench.cases_native import native_cases  # issue 16
+
+    cases.extend(native_cases(quick, with_flex=flex))
     return cases
 
 
