@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _kernel_ref import masked_softmax_attention_ref
-from reference import attention_ref, causal_ref, random_mask, window_ref
 
 from attnkit import masks
 from attnkit.functional import attention
 from attnkit.kernels import _native, native
+from reference import attention_ref, causal_ref, random_mask, window_ref
 
 built = pytest.mark.skipif(not _native.available(), reason=f"the native kernel is not built here: "
                                                           f"{_native._state.get('reason')}")

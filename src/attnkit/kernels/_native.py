@@ -48,6 +48,13 @@ def _why_not() -> str | None:
         return f"no C++ compiler found (CXX={cxx!r})"
     from torch.utils.cpp_extension import is_ninja_available
 
+    if shutil.which("ninja") is None:  # the pip package's binary, when its venv is not on PATH (make setup)
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
     if not is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     return None
