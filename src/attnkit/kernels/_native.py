@@ -61,18 +61,30 @@ def _why_not() -> str | None:
 
 
 @contextlib.contextmanager
-def _shared_lock():
-    if not _LOCK.exists():
+def _shared_lock(build: Path):
+    """Hold the shared-CPU lock (shared) while compiling, where the machine has one. Nothing to compile (the
+    library is already in ``build``) takes no lock; a lock held exclusively (a timing run, maybe this process's
+    own caller) is waited for at most a minute, then the build goes ahead: never a deadlock."""
+    if not _LOCK.exists() or any(build.glob("attnkit_native*.so")):
         yield
         return
     import fcntl
+    import time
 
     with open(_LOCK) as fh:
-        fcntl.flock(fh, fcntl.LOCK_SH)
+        held = False
+        for _ in range(60):
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                held = True
+                break
+            except OSError:
+                time.sleep(1.0)
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build():
@@ -80,7 +92,7 @@ def _build():
 
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
-    with _shared_lock():
+    with _shared_lock(build):
         return load(name="attnkit_native", sources=[str(_SOURCE)], build_directory=str(build),
                     extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
