@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _kernel_ref import masked_softmax_attention_ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnkit import masks
 from attnkit.functional import attention
@@ -217,3 +219,18 @@ def test_without_a_compiler_it_says_so_once_and_runs_the_pure_pytorch_kernels(tm
     assert float(err) < 1e-5 and float(err_auto) < 1e-5
     assert "no C++ compiler" in res.stdout and "pure-PyTorch" in res.stdout
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.so"))
+
+
+@built
+@settings(max_examples=25, deadline=None)
+@given(L=st.integers(1, 140), S=st.integers(1, 140), p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_random_masks_match_the_reference(L, S, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(2, 1, L, S, generator=g) < p  # per batch element, shared by the heads
+    q, k, v = _qkv(B=2, H=2, L=L, S=S, D=8, Dv=4, seed=seed, grad=True)
+    out, lse = attention(q, k, v, mask=masks.dense(keep), backend="native", return_lse=True)
+    ref, _ = masked_softmax_attention_ref(q, k, v, keep)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(lse[~keep.expand(2, 2, L, S).any(-1)]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
