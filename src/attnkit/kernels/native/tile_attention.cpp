@@ -28,6 +28,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 extern "C" {
 void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -83,6 +87,19 @@ constexpr int kLanes = 16;  // partial results per reduction, so the compiler ve
 
 template <typename T>
 inline T row_max(const T* x, int64_t n, T init) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 acc = _mm256_set1_ps(init);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(x + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    float mx = init;
+    for (int l = 0; l < 8; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+    for (; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+    return mx;
+  }
+#endif
   T acc[kLanes];
   for (int l = 0; l < kLanes; ++l) acc[l] = init;
   int64_t j = 0;
@@ -94,19 +111,47 @@ inline T row_max(const T* x, int64_t n, T init) {
   return mx;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// exp_floor on 8 floats (the same polynomial): the loops below would not vectorize the scalar one.
+inline __m256 exp_floor8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-60.0f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // false for x < -60, -inf and NaN
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+#endif
+
 // x[j] = exp_floor(x[j] - shift); returns the sum.
 template <typename T>
 inline T exp_sum(T* x, int64_t n, T shift) {
-  T acc[kLanes] = {};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const T e = exp_floor(x[j + l] - shift);
-      x[j + l] = e;
-      acc[l] += e;
-    }
   T sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp_floor8(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
+      _mm256_storeu_ps(x + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int l = 0; l < 8; ++l) sum += lanes[l];
+  }
+#endif
   for (; j < n; ++j) {
     const T e = exp_floor(x[j] - shift);
     x[j] = e;
@@ -271,11 +316,7 @@ void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* do
           // P = exp(scale Q K^T - lse)
           gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), p, w);
           mask_run(pl, n, t0, t1, m, k0, w, p);
-          for (int64_t i = 0; i < m; ++i) {
-            T* row = p + i * w;
-            const T l = lrow[i];
-            for (int64_t j = 0; j < w; ++j) row[j] = exp_floor(row[j] - l);
-          }
+          for (int64_t i = 0; i < m; ++i) exp_sum(p + i * w, w, lrow[i]);
           // dV += P^T dO
           gemm<T>(true, false, w, Dv, m, T(1), p, w, dob, Dv, T(1), dvn + k0 * Dv, Dv);
           // dP = dO V^T ; dS = P (dP - delta)
