@@ -35,9 +35,7 @@ from attnkit.masks import BlockMask
 
 __all__ = ["native_attention"]
 
-_TILE = 64  # query rows and key columns of the backward's tiles (and of suits' density)
-_FWD_TILE = 32  # ... of the forward's: a +-128 window computes 288 keys a row for 257 needed (320 at 64); measured
-# on the window 128/128 L=16384 case, 32 made the forward 1.3x faster and the backward 1.1x slower than 64
+_TILE = 64  # query rows and key columns of a tile: a +-128 window computes 320 keys a row for 257 needed
 
 
 def _csr(plan: BlockMask, batch: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -89,11 +87,11 @@ class _NativeAttention(torch.autograd.Function):
     """(N, L, D) q, (N, S, D) k, (N, S, Dv) v, contiguous float32/float64 -> out (N, L, Dv), lse (N, L)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fwd: tuple, bwd: tuple, scale: float):
+    def forward(ctx, q, k, v, arrays, block: int, scale: float):
         ext = _native.extension()
-        out, lse = ext.forward(q, k, v, *fwd[0], fwd[1], scale)  # (arrays, block) of the forward's plan
+        out, lse = ext.forward(q, k, v, *arrays, block, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.arrays, ctx.block, ctx.scale = bwd[0], bwd[1], scale  # the backward may use other tiles: same mask
+        ctx.arrays, ctx.block, ctx.scale = arrays, block, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -106,15 +104,14 @@ class _NativeAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def native_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask, *, scale: float | None = None,
-                     backward_plan: BlockMask | None = None) -> tuple[Tensor, Tensor]:
+def native_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask, *, scale: float | None = None
+                     ) -> tuple[Tensor, Tensor]:
     """Softmax attention on the tiles of ``plan`` with the compiled kernel: ``(out, lse)``.
 
     Args:
         query, key, value: CPU floating tensors, batch dims broadcast.
         plan: the mask's :class:`~attnkit.masks.BlockMask` for ``(L, S)`` (whole tiles: ``mask.plan(L, S, block)``).
         scale: score multiplier (default ``1/sqrt(D)``).
-        backward_plan: the same mask planned with other tiles for the backward (default ``plan``).
 
     Shape:
         query (*b, L, D), key (*b, S, D), value (*b, S, Dv) -> out (*b, L, Dv), lse (*b, L).
@@ -130,18 +127,15 @@ def native_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask,
         return x.expand(*batch, n, d).reshape(N, n, d).to(acc).contiguous()
 
     q, k, v = prep(query, L, D), prep(key, S, D), prep(value, S, Dv)
-    bplan = backward_plan if backward_plan is not None else plan
-    fwd = (_plan_arrays(plan, batch), plan.block)
-    bwd = fwd if bplan is plan else (_plan_arrays(bplan, batch), bplan.block)
-    out, lse = _NativeAttention.apply(q, k, v, fwd, bwd, float(scale))
+    out, lse = _NativeAttention.apply(q, k, v, _plan_arrays(plan, batch), plan.block, float(scale))
     return out.reshape(*batch, L, Dv).to(query.dtype), lse.reshape(*batch, L)
 
 
 # ---- the kernel contract (attnkit.kernels._contract) ---------------------------------------------------------
 
-def plan_for(mask, query, key, tile: int = _TILE) -> BlockMask:
+def plan_for(mask, query, key) -> BlockMask:
     L, S = query.shape[-2], key.shape[-2]
-    return mask.plan(L, S, tile, batch_ndim=max(query.ndim, key.ndim) - 2, device=torch.device("cpu"))
+    return mask.plan(L, S, _TILE, batch_ndim=max(query.ndim, key.ndim) - 2, device=torch.device("cpu"))
 
 
 def supports(query, key, value, *, mask=None, **request) -> str | None:
@@ -173,9 +167,7 @@ def run(query, key, value, *, score, mask, scale, return_weights, return_lse=Fal
                                return_weights=return_weights, return_lse=return_lse, **request)
     scale = dot_scale(query, score, scale)
     plan = plan_for(mask, query, key)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    out, lse = native_attention(query, key, value, plan_for(mask, query, key, _FWD_TILE), scale=scale,
-                                backward_plan=plan if grad else None)
+    out, lse = native_attention(query, key, value, plan, scale=scale)
     weights = None
     if return_weights == "sparse":
         from attnkit.kernels.tiled import tiled_attention
