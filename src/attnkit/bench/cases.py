@@ -190,6 +190,9 @@ def build_cases(quick: bool, *, flex: bool = True) -> list[Case]:
     from attnkit.bench.cases_hf import hf_cases
 
     cases.extend(hf_cases(quick))
+    from attnkit.bench.cases_native import native_cases  # issue 16
+
+    cases.extend(native_cases(quick, with_flex=flex))
     return cases
 
 

@@ -220,6 +220,8 @@ def _time_cases(chosen, results, notes, args, repeats, peak, tqdm, partial: Path
         timed = timing.interleaved_medians(fns, repeats=repeats) if fns else {}
         entry = {"id": case.id, "group": case.group, "L": case.L, "mode": case.mode, "backend": case.backend,
                  "flops": case.flops, "note": case.note, "role": case.role, "impls": {}}
+        if case.extra:
+            entry["extra"] = case.extra
         if case.check is not None:
             entry["check"] = case.check()
             entry["note"] = "; ".join([case.note] + [f"{k} {v:.2g}" for k, v in entry["check"].items()

@@ -217,6 +217,68 @@ def _hf_train(by_role):
     mem = case["impls"]["attnkit"].get("peak_mb")
     return refused, (f"attnkit {t:.2f} s" + (f", peak {mem:.0f} MB" if mem is not None else "")
                      + f"; flex: {flex.get('error', 'ran')} ({case['id']})")
+# ---- issue 16: the compiled CPU tile kernel -------------------------------------------------------------------
+
+def _native_case(by_role: dict, role: str) -> dict:
+    case = _case(by_role, role)
+    if "native" not in case["impls"] and case.get("backend") != "native":
+        raise _Skip(f"{case['id']} does not run the native kernel")
+    return case
+
+
+def _rate_vs_dense(role: str, need: float) -> Callable[[dict], tuple[bool, str]]:
+    """native's needed-work rate at least ``need`` x dense SDPA's (timed in the same case, same rounds)."""
+    def judge(by_role):
+        case = _native_case(by_role, role)
+        extra = case.get("extra") or {}
+        if "dense_flops" not in extra:
+            raise _Skip(f"{case['id']} has no dense SDPA work recorded")
+        r, how = _ratio(case, extra["dense"], "native")  # t_dense / t_native
+        x = r * case["flops"] / extra["dense_flops"]
+        rate = case["flops"] / _time(case, "native") / 1e9
+        dense = extra["dense_flops"] / _time(case, extra["dense"]) / 1e9
+        return x >= need, (f"native {rate:.0f} GFLOP/s needed work = {x:.2f} x {extra['dense']}'s {dense:.0f} "
+                           f"({how}; needs >= {need:g}; {case['id']})")
+    return judge
+
+
+def _native_faster(role: str, anchor: str, need: float) -> Callable[[dict], tuple[bool, str]]:
+    def judge(by_role):
+        case = _native_case(by_role, role)
+        x, how = _ratio(case, anchor, "native")
+        r = case["impls"][anchor]
+        extra = f"; its compile {r['compile_s']:.1f} s not counted" if r.get("compile_s") is not None else ""
+        return x >= need, f"{anchor} / native time = {x:.2f} ({how}; needs >= {need:g}; {case['id']}{extra})"
+    return judge
+
+
+def _native_at_most(role: str, anchor: str, most: float) -> Callable[[dict], tuple[bool, str]]:
+    def judge(by_role):
+        case = _native_case(by_role, role)
+        r, how = _ratio(case, "native", anchor)
+        return r <= most, f"native / {anchor} time = {r:.3f} ({how}; needs <= {most:g}; {case['id']})"
+    return judge
+
+
+def _native_reported(role: str) -> Callable[[dict], tuple[bool, str]]:
+    def judge(by_role):
+        case = _native_case(by_role, role)
+        t = _time(case, "native")
+        parts = [f"native {t * 1e3:.0f} ms ({case['flops'] / t / 1e9:.0f} GFLOP/s)"]
+        for name, r in case["impls"].items():
+            if name != "native":
+                parts.append(f"{name} {r['median_s'] * 1e3:.0f} ms" if r.get("median_s") else
+                             f"{name}: {r.get('error', 'did not run')}")
+        return True, "; ".join(parts) + f" ({case['id']})"
+    return judge
+
+
+def _busy(by_role):
+    case = _native_case(by_role, "native_busy")
+    mine, how = _ratio(case, "native_busy", "native")
+    theirs, how2 = _ratio(case, "sdpa_busy", "sdpa")
+    return mine <= 1.1 * theirs, (f"with one busy process native slows {mine:.2f}x, SDPA {theirs:.2f}x: "
+                                  f"{mine / theirs:.2f} (needs <= 1.1; {how}; {case['id']})")
 
 
 #: (issue 5's words, judge) in the issue's order; a judge returns (ok, what was measured) or raises _Skip
@@ -253,6 +315,26 @@ TARGETS: list[tuple[str, Callable[[dict], tuple[bool, str]] | None]] = [
     ("[13] Mistral-shaped model, window 256, prefill L=16384: under half of sdpa's peak memory", _hf_memory),
     ("[13] Mistral-shaped model, training step L=8192: attnkit runs where flex_attention refuses", _hf_train),
     ("every kernel vs float64 reference, gradcheck, zero rows, non-finite rule (tests in CI)", None),
+    # issue 16: the compiled CPU tile kernel (backend="native")
+    ("[16] window 128/128 L=16384 fwd: needed-work rate >= 0.75 x dense SDPA's fwd (L=4096)",
+     _rate_vs_dense("native_window_fwd", 0.75)),
+    ("[16] window 128/128 L=16384 fwd+bwd: needed-work rate >= 0.65 x dense SDPA's fwd+bwd (L=4096)",
+     _rate_vs_dense("native_window_fwdbwd", 0.65)),
+    ("[16] window 128/128 L=16384 fwd: >= 1.5 x faster than FlexAttention compiled",
+     _native_faster("native_window_fwd", "flex", 1.5)),
+    ("[16] block-sparse 10 % L=8192 fwd: <= 0.13 x dense SDPA's time",
+     _native_at_most("native_blocksparse_fwd", "sdpa_nomask", 0.13)),
+    ("[16] block-sparse 10 % L=8192 fwd+bwd: <= 0.15 x dense SDPA's time",
+     _native_at_most("native_blocksparse_fwdbwd", "sdpa_nomask", 0.15)),
+    ("[16] 16 packed causal documents L=16384 fwd: >= 1.5 x faster than FlexAttention compiled",
+     _native_faster("native_docs_fwd", "flex", 1.5)),
+    ("[16] sliding-window mask_mod L=16384 fwd: >= 1.5 x faster than FlexAttention compiled",
+     _native_faster("native_slidingmod_fwd", "flex", 1.5)),
+    ("[16] 16 packed causal documents L=16384 fwd+bwd (reported; FlexAttention refuses)",
+     _native_reported("native_docs_fwdbwd")),
+    ("[16] sliding-window mask_mod L=16384 fwd+bwd (reported; FlexAttention refuses)",
+     _native_reported("native_slidingmod_fwdbwd")),
+    ("[16] one busy process: window's slowdown <= 1.1 x SDPA's", _busy),
 ]
 
 

@@ -8,6 +8,7 @@ Each kernel file implements the contract of :mod:`attnkit.kernels._contract` (``
 backend         serves
 ==============  ==========================================================================================
 ``graph``       dot-product softmax with a graph mask: attention along the edge list, O(E)
+``native``      dot-product softmax with any mask: the compiled C++ tile kernel over the plan (CPU, if built)
 ``window``      dot-product softmax with a band mask (both widths finite), strided key views
 ``blocksparse`` dot-product softmax with any mask: only the non-empty tiles of the mask's plan
 ``banded``      dot-product softmax with a mask inside a band (``window & padding``) below 512 x 512 pairs
@@ -17,22 +18,23 @@ backend         serves
 ``math``        everything (the plain reference; materializes ``(..., L, S)``)
 ==============  ==========================================================================================
 
-``auto`` rules (each kernel's ``suits``): a graph mask goes to ``graph``; a narrow window (at most a quarter of
-the keys) from 256 x 256 pairs to ``window``; masks whose plan keeps at most 30 % of the tiles, from 512 x 512
-pairs, to ``blocksparse``; a mask inside a narrow band (not a plain window) below that, to ``banded``; a
-``score_mod`` from 128 x 128 pairs to ``tiled``; otherwise ``sdpa`` when it can
-serve, ``chunked`` for other scores or biases from 512 x 512 pairs, else ``math``. Under ``torch.compile`` /
-``torch.export`` tracing only ``sdpa`` and ``math`` are chosen (no data-dependent branch).
+``auto`` rules (each kernel's ``suits``): a graph mask goes to ``graph``; where the compiled kernel is built,
+CPU masks whose plan keeps at most half of the tiles, from 256 x 256 pairs, to ``native``; a narrow window (at
+most a quarter of the keys) from 256 x 256 pairs to ``window``; masks whose plan keeps at most 30 % of the
+tiles, from 512 x 512 pairs, to ``blocksparse``; a mask inside a narrow band (not a plain window) below that, to
+``banded``; a ``score_mod`` from 128 x 128 pairs to ``tiled``; otherwise ``sdpa`` when it can serve, ``chunked``
+for other scores or biases from 512 x 512 pairs, else ``math``. Under ``torch.compile`` / ``torch.export``
+tracing only ``sdpa`` and ``math`` are chosen (no data-dependent branch).
 """
 
 from __future__ import annotations
 
-from attnkit.kernels import banded, blocksparse, chunked, graph, math, sdpa, tiled, window
+from attnkit.kernels import banded, blocksparse, chunked, graph, math, native, sdpa, tiled, window
 from attnkit.masks._base import tracing
 
-BACKENDS = {"graph": graph, "window": window, "blocksparse": blocksparse, "banded": banded, "tiled": tiled,
-            "sdpa": sdpa, "chunked": chunked, "math": math}
-AUTO_ORDER = ("graph", "window", "blocksparse", "banded", "tiled", "sdpa", "chunked", "math")
+BACKENDS = {"graph": graph, "native": native, "window": window, "blocksparse": blocksparse, "banded": banded,
+            "tiled": tiled, "sdpa": sdpa, "chunked": chunked, "math": math}
+AUTO_ORDER = ("graph", "native", "window", "blocksparse", "banded", "tiled", "sdpa", "chunked", "math")
 TRACEABLE = ("sdpa", "math")
 
 

@@ -1,0 +1,400 @@
+// attnkit's compiled CPU tile kernel: FlashAttention-2 forward and backward over a block plan.
+//
+// The plan arrives as CSR arrays over query blocks: block b reads key tiles col[ptr[b] .. ptr[b+1]), and
+// part[t] is -1 for a full tile (no mask evaluated) or the row of `forbid` (P, Nm, Bq, Bk) holding that
+// partial tile's forbidden pairs. Consecutive key tiles form runs (up to kMaxRun keys), read in place by one
+// BLAS GEMM with leading dimensions (no gathered copies):
+//
+//   S = scale Q_b K_run^T ;  S = -inf where a partial tile forbids
+//   m' = max(m, rowmax S) ;  P = exp(S - m') ;  l = l e^(m - m') + rowsum P ;  O = O e^(m - m') + P V_run
+//   out = O / l ;  lse = m + log l      (a row with no allowed key: out 0, lse -inf)
+//
+// Backward, one batch row (batch x head) per task so dK and dV have one writer (no atomics):
+//
+//   P = exp(S - lse) ;  dV_run += P^T dO ;  dS = P (dO V_run^T - rowsum(dO O)) ;  dQ_b += scale dS K_run ;
+//   dK_run += scale dS^T Q_b
+//
+// float32 runs on MKL's sgemm (exported by libtorch_cpu), float64 (gradcheck) on dgemm; the caller converts
+// half inputs to float32. exp(x) is floored at -60 and zeroed there (no subnormals reach the GEMMs).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace {
+
+constexpr int64_t kMaxRun = 512;  // keys of one GEMM: the scores of a 64-row block stay in the L2 cache
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C, via the column-major BLAS (C^T = op(B)^T op(A)^T).
+template <typename T>
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                 const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+  const int im = (int)m, in = (int)n, ik = (int)k, ilda = (int)lda, ildb = (int)ldb, ildc = (int)ldc;
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+  } else {
+    dgemm_(&cb, &ca, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+  }
+}
+
+// exp(x) for x <= 0, floored: x < -60 gives 0. float: Cephes-style polynomial (rel. error ~2e-7), written so
+// the compiler vectorizes the loops that call it; double: std::exp.
+inline float exp_floor(float x) {
+  const bool zero = !(x >= -60.0f);  // also -inf and NaN
+  x = zero ? 0.0f : x;
+  const float log2e = 1.44269504088896341f;
+  float n = x * log2e + 12582912.0f;  // round to nearest
+  n -= 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return zero ? 0.0f : p * scale;
+}
+inline double exp_floor(double x) { return x >= -60.0 ? std::exp(x) : 0.0; }
+
+constexpr int kLanes = 16;  // partial results per reduction, so the compiler vectorizes it
+
+template <typename T>
+inline T row_max(const T* x, int64_t n, T init) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 acc = _mm256_set1_ps(init);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(x + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    float mx = init;
+    for (int l = 0; l < 8; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+    for (; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+    return mx;
+  }
+#endif
+  T acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = init;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
+  T mx = init;
+  for (int l = 0; l < kLanes; ++l) mx = acc[l] > mx ? acc[l] : mx;
+  for (; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// exp_floor on 8 floats (the same polynomial): the loops below would not vectorize the scalar one.
+inline __m256 exp_floor8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-60.0f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // false for x < -60, -inf and NaN
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+#endif
+
+// x[j] = exp_floor(x[j] - shift); returns the sum.
+template <typename T>
+inline T exp_sum(T* x, int64_t n, T shift) {
+  int64_t j = 0;
+  T sum = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 sh = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp_floor8(_mm256_sub_ps(_mm256_loadu_ps(x + j), sh));
+      _mm256_storeu_ps(x + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    for (int l = 0; l < 8; ++l) sum += lanes[l];
+  }
+#endif
+  for (; j < n; ++j) {
+    const T e = exp_floor(x[j] - shift);
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// Jobs [0, total) handed out one at a time to at::parallel_for's threads (each runs init() once, then body(job)
+// for every job it takes): a thread slowed by another process on its core simply takes fewer jobs, where a
+// static split would make the whole call wait for it.
+template <typename Init, typename Body>
+inline void dynamic_for(int64_t total, Init init, Body body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = init();
+    for (int64_t job = next.fetch_add(1); job < total; job = next.fetch_add(1)) body(state, job);
+  });
+}
+
+struct Plan {
+  const int64_t* ptr;   // (nq + 1,)
+  const int64_t* col;   // (T,) key tile ids, ascending within a block
+  const int64_t* part;  // (T,) -1 full, else row of forbid
+  const bool* forbid;   // (P, Nm, Bq, Bk)
+  int64_t Nm, block, L, S;
+};
+
+// Runs of consecutive tiles of block b: calls f(t0, t1) for tile positions [t0, t1) of col.
+template <typename F>
+inline void for_runs(const Plan& pl, int64_t b, F f) {
+  const int64_t per_run = std::max<int64_t>(1, kMaxRun / pl.block);
+  int64_t t = pl.ptr[b], end = pl.ptr[b + 1];
+  while (t < end) {
+    int64_t u = t + 1;
+    while (u < end && pl.col[u] == pl.col[u - 1] + 1 && u - t < per_run) ++u;
+    f(t, u);
+    t = u;
+  }
+}
+
+// Set forbidden scores of the run's partial tiles to -inf. s: (m, w) with ld w, the run starting at key k0.
+template <typename T>
+inline void mask_run(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t m, int64_t k0, int64_t w, T* s) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t Bq = pl.block, Bk = pl.block;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t p = pl.part[t];
+    if (p < 0) continue;
+    const bool* f = pl.forbid + ((p * pl.Nm + (pl.Nm == 1 ? 0 : n)) * Bq) * Bk;
+    const int64_t c0 = pl.col[t] * Bk - k0, c1 = std::min(c0 + Bk, w);
+    for (int64_t i = 0; i < m; ++i) {
+      T* row = s + i * w + c0;
+      const bool* fr = f + i * Bk;
+      for (int64_t j = 0; j < c1 - c0; ++j) row[j] = fr[j] ? ninf : row[j];
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan& pl, int64_t N, int64_t D,
+                  int64_t Dv, T scale) {
+  const int64_t L = pl.L, S = pl.S, Bq = pl.block;
+  const int64_t nq = (L + Bq - 1) / Bq;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  struct Scratch {
+    std::vector<T> sbuf, obuf, mrow, lrow, alpha;
+  };
+  dynamic_for(N * nq, [&] {
+    return Scratch{std::vector<T>(Bq * std::max(kMaxRun, pl.block)), std::vector<T>(Bq * Dv), std::vector<T>(Bq),
+                   std::vector<T>(Bq), std::vector<T>(Bq)};
+  }, [&](Scratch& sc, int64_t job) {
+    auto& sbuf = sc.sbuf; auto& obuf = sc.obuf; auto& mrow = sc.mrow; auto& lrow = sc.lrow; auto& alpha = sc.alpha;
+    {
+      const int64_t n = job / nq, b = job % nq;
+      const int64_t q0 = b * Bq, m = std::min(Bq, L - q0);
+      const T* qb = q + (n * L + q0) * D;
+      const T* kn = k + n * S * D;
+      const T* vn = v + n * S * Dv;
+      std::fill(obuf.begin(), obuf.begin() + m * Dv, T(0));
+      std::fill(mrow.begin(), mrow.begin() + m, ninf);
+      std::fill(lrow.begin(), lrow.begin() + m, T(0));
+      for_runs(pl, b, [&](int64_t t0, int64_t t1) {
+        const int64_t k0 = pl.col[t0] * pl.block, w = std::min(pl.col[t1 - 1] * pl.block + pl.block, S) - k0;
+        T* s = sbuf.data();
+        // S = scale Q K^T
+        gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), s, w);
+        mask_run(pl, n, t0, t1, m, k0, w, s);
+        for (int64_t i = 0; i < m; ++i) {
+          T* row = s + i * w;
+          const T mx = row_max(row, w, mrow[i]);
+          if (mx == ninf) {  // nothing allowed yet on this row
+            std::fill(row, row + w, T(0));
+            alpha[i] = T(1);
+            continue;
+          }
+          const T sum = exp_sum(row, w, mx);
+          alpha[i] = mrow[i] == ninf ? T(0) : exp_floor(mrow[i] - mx);
+          lrow[i] = lrow[i] * alpha[i] + sum;
+          mrow[i] = mx;
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          if (alpha[i] != T(1)) {
+            T* o = obuf.data() + i * Dv;
+            for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha[i];
+          }
+        }
+        // O += P V
+        gemm<T>(false, false, m, Dv, w, T(1), s, w, vn + k0 * Dv, Dv, T(1), obuf.data(), Dv);
+      });
+      T* ob = out + (n * L + q0) * Dv;
+      T* lb = lse + n * L + q0;
+      for (int64_t i = 0; i < m; ++i) {
+        const T l = lrow[i];
+        const T inv = l > 0 ? T(1) / l : T(0);
+        for (int64_t d = 0; d < Dv; ++d) ob[i * Dv + d] = obuf[i * Dv + d] * inv;
+        lb[i] = l > 0 ? mrow[i] + std::log(l) : ninf;
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* dout, const T* lse, T* dq, T* dk,
+                   T* dv, const Plan& pl, int64_t N, int64_t D, int64_t Dv, T scale) {
+  const int64_t L = pl.L, S = pl.S, Bq = pl.block;
+  const int64_t nq = (L + Bq - 1) / Bq;
+  struct Scratch {
+    std::vector<T> pbuf, dsbuf, delta, lrow;
+  };
+  const int64_t width = std::max(kMaxRun, pl.block);
+  dynamic_for(N, [&] {
+    return Scratch{std::vector<T>(Bq * width), std::vector<T>(Bq * width), std::vector<T>(Bq), std::vector<T>(Bq)};
+  }, [&](Scratch& sc, int64_t n) {
+    auto& pbuf = sc.pbuf; auto& dsbuf = sc.dsbuf; auto& delta = sc.delta; auto& lrow = sc.lrow;
+    {
+      const T* kn = k + n * S * D;
+      const T* vn = v + n * S * Dv;
+      T* dkn = dk + n * S * D;
+      T* dvn = dv + n * S * Dv;
+      std::fill(dkn, dkn + S * D, T(0));
+      std::fill(dvn, dvn + S * Dv, T(0));
+      for (int64_t b = 0; b < nq; ++b) {
+        const int64_t q0 = b * Bq, m = std::min(Bq, L - q0);
+        const T* qb = q + (n * L + q0) * D;
+        const T* dob = dout + (n * L + q0) * Dv;
+        const T* ob = out + (n * L + q0) * Dv;
+        T* dqb = dq + (n * L + q0) * D;
+        std::fill(dqb, dqb + m * D, T(0));
+        for (int64_t i = 0; i < m; ++i) {  // rowsum(dO O); lse -inf (empty row) -> +inf so P = 0
+          T acc = 0;
+          for (int64_t d = 0; d < Dv; ++d) acc += dob[i * Dv + d] * ob[i * Dv + d];
+          delta[i] = acc;
+          const T l = lse[n * L + q0 + i];
+          lrow[i] = std::isfinite(l) ? l : std::numeric_limits<T>::infinity();
+        }
+        for_runs(pl, b, [&](int64_t t0, int64_t t1) {
+          const int64_t k0 = pl.col[t0] * pl.block, w = std::min(pl.col[t1 - 1] * pl.block + pl.block, S) - k0;
+          T* p = pbuf.data();
+          T* ds = dsbuf.data();
+          // P = exp(scale Q K^T - lse)
+          gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), p, w);
+          mask_run(pl, n, t0, t1, m, k0, w, p);
+          for (int64_t i = 0; i < m; ++i) exp_sum(p + i * w, w, lrow[i]);
+          // dV += P^T dO
+          gemm<T>(true, false, w, Dv, m, T(1), p, w, dob, Dv, T(1), dvn + k0 * Dv, Dv);
+          // dP = dO V^T ; dS = P (dP - delta)
+          gemm<T>(false, true, m, w, Dv, T(1), dob, Dv, vn + k0 * Dv, Dv, T(0), ds, w);
+          for (int64_t i = 0; i < m; ++i) {
+            T* dr = ds + i * w;
+            const T* pr = p + i * w;
+            const T di = delta[i];
+            for (int64_t j = 0; j < w; ++j) dr[j] = pr[j] * (dr[j] - di);
+          }
+          // dQ += scale dS K ; dK += scale dS^T Q
+          gemm<T>(false, false, m, D, w, scale, ds, w, kn + k0 * D, D, T(1), dqb, D);
+          gemm<T>(true, false, w, D, m, scale, ds, w, qb, D, T(1), dkn + k0 * D, D);
+        });
+      }
+    }
+  });
+}
+
+Plan make_plan(const at::Tensor& ptr, const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
+               int64_t block, int64_t L, int64_t S) {
+  TORCH_CHECK(ptr.dtype() == at::kLong && col.dtype() == at::kLong && part.dtype() == at::kLong,
+              "plan indices must be int64");
+  TORCH_CHECK(forbid.dtype() == at::kBool && forbid.dim() == 4 && forbid.is_contiguous(),
+              "forbid must be a contiguous bool (P, Nm, Bq, Bk) tensor");
+  TORCH_CHECK(ptr.numel() == (L + block - 1) / block + 1, "ptr must hold one entry per query block, plus one");
+  return Plan{ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), part.data_ptr<int64_t>(),
+              forbid.data_ptr<bool>(), forbid.size(1), block, L, S};
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->is_contiguous(), "q, k, v must be contiguous CPU (N, len, d)");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v must share a dtype");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "float32 or float64 only");
+  TORCH_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0) && k.size(1) == v.size(1) && q.size(2) == k.size(2),
+              "q, k, v shapes disagree");
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ptr,
+                                const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
+                                int64_t block, double scale) {
+  check_qkv(q, k, v);
+  const int64_t N = q.size(0), L = q.size(1), D = q.size(2), S = k.size(1), Dv = v.size(2);
+  Plan pl = make_plan(ptr, col, part, forbid, block, L, S);
+  auto out = at::empty({N, L, Dv}, q.options());
+  auto lse = at::empty({N, L}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_forward", [&] {
+    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                           out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), pl, N, D, Dv, (scalar_t)scale);
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                 const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& ptr,
+                                 const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
+                                 int64_t block, double scale) {
+  check_qkv(q, k, v);
+  TORCH_CHECK(out.is_contiguous() && dout.is_contiguous() && lse.is_contiguous(), "out, dout, lse must be contiguous");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
+              lse.scalar_type() == q.scalar_type(), "out, dout, lse must share q's dtype");
+  const int64_t N = q.size(0), L = q.size(1), D = q.size(2), S = k.size(1), Dv = v.size(2);
+  Plan pl = make_plan(ptr, col, part, forbid, block, L, S);
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_backward", [&] {
+    backward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                            dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), pl, N, D,
+                            Dv, (scalar_t)scale);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "tile attention forward over a CSR block plan: (out, lse)");
+  m.def("backward", &backward, "tile attention backward over a CSR block plan: (dq, dk, dv)");
+}

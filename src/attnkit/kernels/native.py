@@ -1,0 +1,181 @@
+"""The compiled CPU tile kernel behind the block plan: FlashAttention-2 forward and backward in C++.
+
+The mask's plan (:class:`attnkit.masks.BlockMask`, ``block`` x ``block`` tiles) becomes CSR arrays over query
+blocks: each block's key tiles in ascending order, each tile full (no mask evaluated) or partial (its boolean
+tile). The C++ kernel (``kernels/csrc/tile_attention.cpp``, built by :mod:`attnkit.kernels._native`) runs, for
+every batch row and query block in parallel (``at::parallel_for``), the online softmax over runs of consecutive
+tiles read in place by one BLAS GEMM each:
+
+    S = scale Q_b K_run^T  (-inf where a partial tile forbids) ;  m, l, O updated online ;  out = O / l
+    lse = m + log l
+
+and the backward per batch row (one writer for dK, dV: no atomics), recomputing P from the saved lse:
+
+    P = exp(S - lse) ;  dV += P^T dO ;  dS = P (dO V^T - rowsum(dO O)) ;  dQ = scale dS K ;  dK += scale dS^T Q
+
+float32 and float64 run as they are; float16/bfloat16 are computed in float32 and cast back. A row with no allowed
+key gets zero output, lse ``-inf`` and zero gradients. Where the extension is not built (no compiler,
+``ATTNKIT_NATIVE=0``) or the tensors are not on the CPU, ``run`` uses the pure-PyTorch block-sparse kernel, and
+``backend="auto"`` never picks this one.
+
+Shape letters: ``*b`` batch dims flattened to N, L queries, S keys, D, Dv head dims, nq query blocks, T non-empty
+tiles, P partial tiles, Nm batch rows of the mask (1 or N).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from attnkit.kernels import _native
+from attnkit.kernels._contract import dot_scale, softmax_dot_reason
+from attnkit.masks import BlockMask
+
+__all__ = ["native_attention"]
+
+_TILE = 64  # query rows and key columns of a tile: a +-128 window computes 320 keys a row for 257 needed
+
+
+def _csr(plan: BlockMask, batch: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``ptr`` (nq + 1,), ``col`` (T,), ``part`` (T,) int64 and ``forbid`` (P, Nm, Bq, Bk) bool of ``plan``."""
+    nq = -(-plan.L // plan.block)
+    N = math.prod(batch)
+    counts = torch.zeros(nq, dtype=torch.long)
+    cols, parts, blocks, forbids = [], [], [], []
+    offset = 0
+    for grp in plan.groups:
+        G, c = grp.ktiles.shape
+        qb = grp.qblocks.cpu()
+        counts[qb] = c
+        part = torch.full((G, c), -1, dtype=torch.long)
+        if grp.part_g is not None and grp.part_g.numel():
+            P = grp.part_g.numel()
+            part[grp.part_g.cpu(), grp.part_t.cpu()] = torch.arange(offset, offset + P)
+            f = grp.forbid.cpu()  # (P, *mb, Bq, Bk)
+            mb = f.shape[1:-2]
+            if math.prod(mb) <= 1:
+                f = f.reshape(P, 1, *f.shape[-2:])
+            else:
+                f = f.movedim(0, -3).expand(*batch, P, *f.shape[-2:]).reshape(N, P, *f.shape[-2:]).transpose(0, 1)
+            forbids.append(f)
+            offset += P
+        blocks.append(qb)
+        cols.append(grp.ktiles.cpu())
+        parts.append(part)
+    ptr = torch.zeros(nq + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(counts, 0)
+    col = torch.zeros(int(ptr[-1]), dtype=torch.long)
+    prt = torch.full_like(col, -1)
+    for qb, c, p in zip(blocks, cols, parts, strict=True):
+        at = ptr[qb].unsqueeze(-1) + torch.arange(c.shape[1])  # (G, c) positions in col
+        col[at.flatten()], prt[at.flatten()] = c.flatten(), p.flatten()
+    if forbids:
+        nm = max(f.shape[1] for f in forbids)
+        forbid = torch.cat([f.expand(f.shape[0], nm, *f.shape[2:]) for f in forbids]).contiguous()
+    else:
+        forbid = torch.zeros(0, 1, plan.block, plan.block, dtype=torch.bool)
+    return ptr, col, prt, forbid
+
+
+def _plan_arrays(plan: BlockMask, batch: tuple):
+    return plan.remember(("native-csr", batch), lambda: _csr(plan, batch))
+
+
+class _NativeAttention(torch.autograd.Function):
+    """(N, L, D) q, (N, S, D) k, (N, S, Dv) v, contiguous float32/float64 -> out (N, L, Dv), lse (N, L)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, arrays, block: int, scale: float):
+        ext = _native.extension()
+        out, lse = ext.forward(q, k, v, *arrays, block, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.arrays, ctx.block, ctx.scale = arrays, block, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        ext = _native.extension()
+        dq, dk, dv = ext.backward(q, k, v, out, dout.to(q.dtype).contiguous(), lse, *ctx.arrays, ctx.block,
+                                  ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def native_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask, *, scale: float | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """Softmax attention on the tiles of ``plan`` with the compiled kernel: ``(out, lse)``.
+
+    Args:
+        query, key, value: CPU floating tensors, batch dims broadcast.
+        plan: the mask's :class:`~attnkit.masks.BlockMask` for ``(L, S)`` (whole tiles: ``mask.plan(L, S, block)``).
+        scale: score multiplier (default ``1/sqrt(D)``).
+
+    Shape:
+        query (*b, L, D), key (*b, S, D), value (*b, S, Dv) -> out (*b, L, Dv), lse (*b, L).
+    """
+    batch = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    L, D, S, Dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    N = math.prod(batch)
+
+    def prep(x: Tensor, n: int, d: int) -> Tensor:  # (*b, n, d) -> (N, n, d) contiguous in acc
+        return x.expand(*batch, n, d).reshape(N, n, d).to(acc).contiguous()
+
+    q, k, v = prep(query, L, D), prep(key, S, D), prep(value, S, Dv)
+    out, lse = _NativeAttention.apply(q, k, v, _plan_arrays(plan, batch), plan.block, float(scale))
+    return out.reshape(*batch, L, Dv).to(query.dtype), lse.reshape(*batch, L)
+
+
+# ---- the kernel contract (attnkit.kernels._contract) ---------------------------------------------------------
+
+def plan_for(mask, query, key) -> BlockMask:
+    L, S = query.shape[-2], key.shape[-2]
+    return mask.plan(L, S, _TILE, batch_ndim=max(query.ndim, key.ndim) - 2, device=torch.device("cpu"))
+
+
+def supports(query, key, value, *, mask=None, **request) -> str | None:
+    reason = softmax_dot_reason(**request)
+    if reason:
+        return reason
+    if mask is None or mask.is_full:
+        return "there is no mask, so no tile can be skipped; use backend='sdpa'"
+    return None
+
+
+def _compiled_here(query) -> bool:
+    return query.device.type == "cpu" and _native.available()
+
+
+def suits(query, key, value, *, mask=None, **_) -> bool:
+    """When built, on the CPU, from 256 x 256 pairs, for masks whose plan keeps at most half of the tiles."""
+    L, S = query.shape[-2], key.shape[-2]
+    if L * S < 256 * 256 or query.device.type != "cpu" or not _compiled_here(query):
+        return False
+    return plan_for(mask, query, key).density <= 0.5
+
+
+def run(query, key, value, *, score, mask, scale, return_weights, return_lse=False, **request):
+    if not _compiled_here(query):  # the pure-PyTorch reference path
+        from attnkit.kernels import blocksparse
+
+        return blocksparse.run(query, key, value, score=score, mask=mask, scale=scale,
+                               return_weights=return_weights, return_lse=return_lse, **request)
+    scale = dot_scale(query, score, scale)
+    plan = plan_for(mask, query, key)
+    out, lse = native_attention(query, key, value, plan, scale=scale)
+    weights = None
+    if return_weights == "sparse":
+        from attnkit.kernels.tiled import tiled_attention
+
+        with torch.no_grad():
+            weights = tiled_attention(query, key, value, plan, scale=scale, return_weights="sparse")[1]
+    elif return_weights:
+        from attnkit.kernels.blocksparse import weights_from_lse
+
+        weights = weights_from_lse(query, key, lse, plan, scale).to(query.dtype)
+    return out, weights, (lse.detach() if return_lse else None)
