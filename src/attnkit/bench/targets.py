@@ -358,7 +358,7 @@ def evaluate(results: list[dict]) -> list[dict]:
 def format_summary(verdicts: list[dict], *, quick: bool = False) -> str:
     """The PASS/MISS block printed under the table: one line per target, then the counts."""
     width = max(len(v["target"]) for v in verdicts)
-    head = "Done when (issue 5; [11] = issue 11; [13] = issue 13)"
+    head = "Done when (issue 5; [11] = issue 11; [13] = issue 13; [16] = issue 16)"
     if quick:
         head += " -- judged at --quick sizes, NOT the issue's settings"
     lines = [head]

@@ -10,7 +10,6 @@ and the backends fall back to the pure-PyTorch kernels.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -21,7 +20,6 @@ from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("csrc") / "tile_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]  # built on the machine that runs it: its own vector unit
-_LOCK = Path("/tmp/attnkit-cpu.lock")  # the shared-CPU convention of machines that have one: builds hold it shared
 
 log = logging.getLogger("attnkit.native")
 _state: dict = {}
@@ -32,9 +30,25 @@ def cache_dir() -> Path:
     import torch
 
     root = Path(os.environ.get("ATTNKIT_CACHE") or Path.home() / ".cache" / "attnkit")
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    # -march=native: the binary is this CPU's; a home directory shared by other CPUs gets one build per CPU kind
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_kind().encode()).hexdigest()[:16]
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{digest}"
     return root / "ext" / tag.replace("+", "_")
+
+
+def _cpu_kind() -> str:
+    """The machine and its instruction-set flags (what ``-march=native`` compiled for)."""
+    import platform
+
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags}"
 
 
 def _why_not() -> str | None:
@@ -60,41 +74,13 @@ def _why_not() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _shared_lock(build: Path):
-    """Hold the shared-CPU lock (shared) while compiling, where the machine has one. Nothing to compile (the
-    library is already in ``build``) takes no lock; a lock held exclusively (a timing run, maybe this process's
-    own caller) is waited for at most a minute, then the build goes ahead: never a deadlock."""
-    if not _LOCK.exists() or any(build.glob("attnkit_native*.so")):
-        yield
-        return
-    import fcntl
-    import time
-
-    with open(_LOCK) as fh:
-        held = False
-        for _ in range(60):
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                held = True
-                break
-            except OSError:
-                time.sleep(1.0)
-        try:
-            yield
-        finally:
-            if held:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _build():
     from torch.utils.cpp_extension import load
 
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
-    with _shared_lock(build):
-        return load(name="attnkit_native", sources=[str(_SOURCE)], build_directory=str(build),
-                    extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    return load(name="attnkit_native", sources=[str(_SOURCE)], build_directory=str(build),
+                extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def extension():
