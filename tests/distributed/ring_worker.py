@@ -143,6 +143,43 @@ def check_errors(rank, P):
         raise AssertionError("a zigzag shard of the wrong length was accepted")
 
 
+def check_nonfinite(rank, P):
+    """The single-process non-finite rule holds across ranks: a NaN/inf key or value reaches only the rows that may
+    see it (NaN there, as attention() gives), never another row's output or any gradient; a NaN query row that
+    sees no key poisons nothing. Compared with attention() on the whole sequence, NaNs in the same places."""
+    B, Hq, Hkv, D, L = 2, 4, 2, 8, 8 * P + 3
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, L, D, generator=g, dtype=torch.float64)
+    k[0, 0, L - 2] = float("nan")  # seen only by the last two rows of batch 0, heads 0 and 1
+    v[1, 1, 3] = float("inf")  # seen by the rows from 3 on (batch 1, heads 2 and 3)
+    q[1, 0, L - 1] = float("nan")  # a row the mask leaves without keys
+
+    def blind_last_row(b, h, qi, kj):
+        return ~((b == 1) & (qi == L - 1))
+
+    mask = masks.causal() & masks.padding([L, L - 1]) & masks.mask_mod(blind_last_row, B, Hq)
+    dout = torch.randn(B, Hq, L, D, generator=g, dtype=torch.float64)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention(*full, mask=mask)
+    ref.backward(dout)
+    part = [shard(t, rank, P).requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*part, mask=mask)
+    out.backward(shard(dout, rank, P))
+    seen = torch.isnan(shard(ref.detach(), rank, P))
+    if not seen.any() and rank == P - 1:
+        raise AssertionError("the non-finite case makes no NaN row on the last rank: it tests nothing there")
+    for what, got, want in [("out", out, ref)] + [(f"d{n}", p.grad, f.grad) for n, p, f in
+                                                 zip("qkv", part, full, strict=True)]:
+        want = shard(want.detach(), rank, P)
+        torch.testing.assert_close(got.detach(), want, atol=1e-10, rtol=0, equal_nan=True,
+                                   msg=lambda m, what=what: f"non-finite case P={P} rank {rank}: {what}: {m}")
+    for n, p in zip("qkv", part, strict=True):  # gradients stay finite: no bad value reaches them
+        if not torch.isfinite(p.grad).all():
+            raise AssertionError(f"non-finite case P={P} rank {rank}: d{n} holds a NaN/inf")
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "equal"
     dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("RING_TIMEOUT", "60"))))
@@ -158,6 +195,7 @@ def main() -> None:
     for c in cases(P):
         check_case(*c, rank, P)
     check_halo(rank, P)
+    check_nonfinite(rank, P)
     check_group(rank, P)
     check_errors(rank, P)
     dist.barrier()

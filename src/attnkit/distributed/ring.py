@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from attnkit.distributed import block as _block
+from attnkit.distributed import nonfinite as _nonfinite
 from attnkit.distributed.layout import check_layout, segments
 from attnkit.distributed.schedule import Schedule
 from attnkit.masks import Mask, as_mask, full
@@ -310,6 +311,9 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, mask: Mask | Te
     mask.check((B, Hq, L, S))
     scale = 1.0 / math.sqrt(meta[5]) if scale is None else float(scale)
     ring = _Ring(group, Schedule(mask, q_segs, k_segs, L, S), rank, P, None)
+    query, key, value, seen = _nonfinite.guard(query, key, value, mask, q_segs, k_segs, rank, L, S, group)
     # contiguous rows: the kernels gather rows of k and v (a strided view makes that ~30x slower)
     out, lse = _RingAttention.apply(query.contiguous(), key.contiguous(), value.contiguous(), ring, scale)
+    if seen is not None:  # rows that may see a non-finite key or value: NaN, as the equation gives them
+        out, lse = out.masked_fill(seen, float("nan")), lse.masked_fill(seen.squeeze(-1), float("nan"))
     return (out, lse) if return_lse else out
