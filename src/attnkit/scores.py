@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dot", "scaled_dot", "general", "additive", "concat", "gaussian"]
+__all__ = ["dot", "scaled_dot", "general", "additive", "concat", "gaussian", "ALiBi", "alibi"]
 
 
 def _same_dim(query: Tensor, key: Tensor, name: str) -> None:
@@ -161,3 +161,36 @@ def gaussian(query: Tensor, key: Tensor, *, w: float | Tensor = 1.0) -> Tensor:
     sq = sq - 2.0 * (query @ key.transpose(-2, -1))  # (..., L, S)
     # -(w ||q - k||)^2 / 2
     return -0.5 * (w * w) * sq  # (..., L, S)
+
+
+# ---- built-in score modifiers (FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``) ----------------------
+
+class ALiBi:
+    """ALiBi (Press et al., 2022) as a ``score_mod``: ``score + slopes[h] * (kv_idx - q_idx)``.
+
+    A built-in modifier: it runs wherever a ``score_mod`` does (``attention(score_mod=...)``, ``flex_attention``),
+    and the compiled tile kernel (``backend="native"``) adds the bias inside its loop instead of calling it per
+    tile. With ``slopes`` that need a gradient, the tiled kernel serves it (the slopes get their gradient there).
+
+    Args:
+        slopes: ``(H,)`` one slope per head, e.g. ``functional.positional.alibi_slopes(H)``.
+    """
+
+    def __init__(self, slopes: Tensor):
+        if not isinstance(slopes, Tensor) or not slopes.is_floating_point():
+            raise TypeError(f"slopes must be a floating-point tensor; got {type(slopes).__name__}"
+                            + (f" of {slopes.dtype}" if isinstance(slopes, Tensor) else ""))
+        if slopes.ndim != 1 or slopes.numel() == 0:
+            raise ValueError(f"slopes must have shape (H,), one slope per head; got {tuple(slopes.shape)}")
+        self.slopes = slopes
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + self.slopes[h] * (kv_idx - q_idx)
+
+    def __repr__(self) -> str:
+        return f"ALiBi(heads={self.slopes.numel()})"
+
+
+def alibi(slopes: Tensor) -> ALiBi:
+    """The ALiBi ``score_mod`` of ``slopes`` ``(H,)`` (see :class:`ALiBi`)."""
+    return ALiBi(slopes)

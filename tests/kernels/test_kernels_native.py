@@ -234,3 +234,67 @@ def test_random_masks_match_the_reference(L, S, p, seed):
     assert torch.isneginf(lse[~keep.expand(2, 2, L, S).any(-1)]).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# ---- the fused ALiBi (attnkit.scores.alibi) ------------------------------------------------------------------
+
+def _alibi_ref(q, k, v, slopes, allowed):
+    """float64 softmax(scale q k^T + slope_h (j - i)) v over ``allowed`` (L, S), from the equations."""
+    L, S = q.shape[-2], k.shape[-2]
+    rel = (torch.arange(S)[None, :] - torch.arange(L)[:, None]).double()  # (L, S): j - i
+    bias = slopes.double()[:, None, None] * rel  # (H, L, S)
+    return masked_softmax_attention_ref(q.double(), k.double(), v.double(), allowed, bias=bias)
+
+
+@built
+@pytest.mark.parametrize("kind", ["causal", "window", "none"])
+def test_fused_alibi_matches_the_float64_equations_and_the_tiled_kernel(kind):
+    from attnkit.scores import alibi
+
+    L = S = 200
+    q, k, v = _qkv(B=2, H=4, L=L, S=S, dtype=torch.float32, seed=3, grad=True)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    mask = {"causal": masks.causal(), "window": masks.window(30, 10), "none": None}[kind]
+    allowed = {"causal": causal_ref(L, S), "window": window_ref(L, S, 30, 10),
+               "none": torch.ones(L, S, dtype=torch.bool)}[kind]
+    mod = alibi(slopes)
+    from attnkit.kernels import dispatch
+    from attnkit.scores import scaled_dot
+
+    req = dict(score=scaled_dot, score_mod=mod, mask=mask, bias=None, normalize="softmax", scale=None,
+               dropout_p=0.0, return_weights=False, return_lse=False)
+    assert dispatch.choose(q, k, v, **req) == "native"
+    g = torch.randn(2, 4, L, 16, generator=torch.Generator().manual_seed(9))
+    out, lse = attention(q, k, v, score_mod=mod, mask=mask, return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    want, _ = _alibi_ref(q.detach(), k.detach(), v.detach(), slopes, allowed)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)
+    # the same score_mod called per tile by the pure-PyTorch tiled kernel: forward, lse and gradients
+    ref, ref_lse = attention(q, k, v, score_mod=mod, mask=mask, return_lse=True, backend="tiled")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@built
+def test_fused_alibi_gradcheck_float64_and_where_it_steps_aside():
+    from attnkit.scores import alibi
+
+    q, k, v = _qkv(B=1, H=2, L=70, S=70, D=4, dtype=torch.float64, seed=5, grad=True)
+    mod = alibi(torch.tensor([0.3, 0.05], dtype=torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: attention(a, b, c, score_mod=mod, mask=masks.causal(), backend="native"), (q, k, v),
+        fast_mode=True)
+    # learnable slopes and weights go to the tiled kernel (they need what the fused loop does not give)
+    learn = alibi(torch.tensor([0.3, 0.05], dtype=torch.float64, requires_grad=True))
+    with pytest.raises(ValueError, match="learnable slopes"):
+        attention(q, k, v, score_mod=learn, mask=masks.causal(), backend="native")
+    with pytest.raises(ValueError, match="weights"):
+        attention(q, k, v, score_mod=mod, mask=masks.causal(), backend="native", return_weights=True)
+    with pytest.raises(ValueError, match="only the built-in score_mod"):
+        attention(q, k, v, score_mod=lambda s, b, h, i, j: s, mask=masks.causal(), backend="native")
+    out = attention(q, k, v, score_mod=learn, mask=masks.causal())  # auto: tiled, with the slopes' gradient
+    (gs,) = torch.autograd.grad(out.sum(), (learn.slopes,))
+    assert torch.isfinite(gs).all() and gs.abs().sum() > 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnkit import flex, masks
+from attnkit import flex, masks, scores
 from attnkit.bench import anchors
 from attnkit.bench.anchors import AnchorUnavailable, _qkv, _runner
 from attnkit.functional.attention import attention
@@ -131,15 +131,18 @@ def flex_cases(quick: bool, *, with_flex: bool = True):
     slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / H) for i in range(H)])
     for mode in ("fwd", "fwd+bwd"):
         cid = f"flex-alibi-causal-L{La}-{mode}"
-        impls = {"attnkit": _flex_factory(B, H, La, D, mode, causal, alibi(slopes)),
+        impls = {"attnkit": _flex_factory(B, H, La, D, mode, causal, scores.alibi(slopes)),
+                 "attnkit_closure": _flex_factory(B, H, La, D, mode, causal, alibi(slopes)),
                  "causal": _attn_factory(B, H, La, D, mode, masks.causal())}
         if with_flex and not quick:
             impls["flex"] = (anchors.flex_factory(cid, B, H, La, D, causal, score_mod=alibi(slopes))
                              if mode == "fwd" else _refused(_NO_CPU_BWD))
         out.append(Case(cid, f"flex-alibi-{mode}", La, mode, impls, 4.0 * B * H * La * (La + 1) // 2 * D * fb[mode],
                         "tiled", role=f"flex_alibi_{'fwd' if mode == 'fwd' else 'fwdbwd'}",
-                        note="attnkit = flex_attention(score_mod=ALiBi, causal block mask); causal = "
-                             "attention(mask=masks.causal()) (SDPA's fused causal kernel)"))
+                        note="attnkit = flex_attention(score_mod=attnkit.scores.alibi(slopes), causal block "
+                             "mask): the built-in ALiBi, fused by the compiled kernel where it is built; "
+                             "attnkit_closure = the same with ALiBi written as a closure (the tiled kernel calls it "
+                             "per tile); causal = attention(mask=masks.causal()) (SDPA's fused causal kernel)"))
 
     for Lc in ((1024, 4096) if quick else (16384, 65536)):
         impls = {"attnkit": _create_factory(Lc, w, "attnkit")}

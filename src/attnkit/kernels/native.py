@@ -29,9 +29,11 @@ import math
 import torch
 from torch import Tensor
 
+from attnkit import masks as _masks
 from attnkit.kernels import _native
 from attnkit.kernels._contract import dot_scale, softmax_dot_reason
 from attnkit.masks import BlockMask
+from attnkit.scores import ALiBi
 
 __all__ = ["native_attention"]
 
@@ -87,11 +89,11 @@ class _NativeAttention(torch.autograd.Function):
     """(N, L, D) q, (N, S, D) k, (N, S, Dv) v, contiguous float32/float64 -> out (N, L, Dv), lse (N, L)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, arrays, block: int, scale: float):
+    def forward(ctx, q, k, v, arrays, block: int, scale: float, slope: Tensor):
         ext = _native.extension()
-        out, lse = ext.forward(q, k, v, *arrays, block, scale)
+        out, lse = ext.forward(q, k, v, *arrays, block, scale, slope)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.arrays, ctx.block, ctx.scale = arrays, block, scale
+        ctx.arrays, ctx.block, ctx.scale, ctx.slope = arrays, block, scale, slope
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -100,18 +102,20 @@ class _NativeAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         ext = _native.extension()
         dq, dk, dv = ext.backward(q, k, v, out, dout.to(q.dtype).contiguous(), lse, *ctx.arrays, ctx.block,
-                                  ctx.scale)
-        return dq, dk, dv, None, None, None
+                                  ctx.scale, ctx.slope)
+        return dq, dk, dv, None, None, None, None
 
 
-def native_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask, *, scale: float | None = None
-                     ) -> tuple[Tensor, Tensor]:
+def native_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask, *, scale: float | None = None,
+                     alibi_slopes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Softmax attention on the tiles of ``plan`` with the compiled kernel: ``(out, lse)``.
 
     Args:
         query, key, value: CPU floating tensors, batch dims broadcast.
         plan: the mask's :class:`~attnkit.masks.BlockMask` for ``(L, S)`` (whole tiles: ``mask.plan(L, S, block)``).
         scale: score multiplier (default ``1/sqrt(D)``).
+        alibi_slopes: ``(H,)`` slopes of a fused ALiBi bias ``slope_h (j - i)`` (no gradient), heads being the
+            last batch dim; None for none.
 
     Shape:
         query (*b, L, D), key (*b, S, D), value (*b, S, Dv) -> out (*b, L, Dv), lse (*b, L).
@@ -127,7 +131,11 @@ def native_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask,
         return x.expand(*batch, n, d).reshape(N, n, d).to(acc).contiguous()
 
     q, k, v = prep(query, L, D), prep(key, S, D), prep(value, S, Dv)
-    out, lse = _NativeAttention.apply(q, k, v, _plan_arrays(plan, batch), plan.block, float(scale))
+    if alibi_slopes is None:
+        slope = torch.zeros(0, dtype=acc)
+    else:  # one slope per batch row: heads are the last batch dim
+        slope = alibi_slopes.detach().to(acc).expand(*batch[:-1], batch[-1]).reshape(N).contiguous()
+    out, lse = _NativeAttention.apply(q, k, v, _plan_arrays(plan, batch), plan.block, float(scale), slope)
     return out.reshape(*batch, L, Dv).to(query.dtype), lse.reshape(*batch, L)
 
 
@@ -135,14 +143,29 @@ def native_attention(query: Tensor, key: Tensor, value: Tensor, plan: BlockMask,
 
 def plan_for(mask, query, key) -> BlockMask:
     L, S = query.shape[-2], key.shape[-2]
+    mask = _masks.full() if mask is None else mask
     return mask.plan(L, S, _TILE, batch_ndim=max(query.ndim, key.ndim) - 2, device=torch.device("cpu"))
 
 
-def supports(query, key, value, *, mask=None, **request) -> str | None:
+def _fused(score_mod) -> bool:
+    return isinstance(score_mod, ALiBi)
+
+
+def supports(query, key, value, *, mask=None, score_mod=None, **request) -> str | None:
+    if score_mod is not None:
+        if not _fused(score_mod):
+            return "it fuses only the built-in score_mod attnkit.scores.alibi; use backend='tiled' for others"
+        slopes = score_mod.slopes
+        if slopes.requires_grad:
+            return "its fused ALiBi slopes get no gradient; use backend='tiled' for learnable slopes"
+        if query.ndim < 3 or torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])[-1] != slopes.numel():
+            return f"its fused ALiBi needs a head dim of {slopes.numel()} (the slopes) before (L, D)"
+        if request.get("return_weights"):
+            return "it rebuilds no weights with a fused score_mod; use backend='tiled'"
     reason = softmax_dot_reason(**request)
     if reason:
         return reason
-    if mask is None or mask.is_full:
+    if score_mod is None and (mask is None or mask.is_full):
         return "there is no mask, so no tile can be skipped; use backend='sdpa'"
     return None
 
@@ -151,23 +174,34 @@ def _compiled_here(query) -> bool:
     return query.device.type == "cpu" and _native.available()
 
 
-def suits(query, key, value, *, mask=None, **_) -> bool:
-    """When built, on the CPU, from 256 x 256 pairs, for masks whose plan keeps at most half of the tiles."""
+def suits(query, key, value, *, mask=None, score_mod=None, **_) -> bool:
+    """When built, on the CPU: from 256 x 256 pairs for masks whose plan keeps at most half of the tiles, and
+    from 128 x 128 pairs for the fused ALiBi on any mask (else a ``score_mod`` goes to ``tiled``)."""
     L, S = query.shape[-2], key.shape[-2]
-    if L * S < 256 * 256 or query.device.type != "cpu" or not _compiled_here(query):
+    if query.device.type != "cpu" or L * S < 128 * 128:
+        return False
+    if _fused(score_mod):
+        return _compiled_here(query)
+    if L * S < 256 * 256 or not _compiled_here(query):
         return False
     return plan_for(mask, query, key).density <= 0.5
 
 
-def run(query, key, value, *, score, mask, scale, return_weights, return_lse=False, **request):
-    if not _compiled_here(query):  # the pure-PyTorch reference path
+def run(query, key, value, *, score, mask, scale, return_weights, return_lse=False, score_mod=None, **request):
+    if not _compiled_here(query):  # the pure-PyTorch reference paths
+        if score_mod is not None:
+            from attnkit.kernels import tiled
+
+            return tiled.run(query, key, value, score=score, score_mod=score_mod, mask=mask, scale=scale,
+                             return_weights=return_weights, return_lse=return_lse, **request)
         from attnkit.kernels import blocksparse
 
         return blocksparse.run(query, key, value, score=score, mask=mask, scale=scale,
                                return_weights=return_weights, return_lse=return_lse, **request)
     scale = dot_scale(query, score, scale)
     plan = plan_for(mask, query, key)
-    out, lse = native_attention(query, key, value, plan, scale=scale)
+    slopes = score_mod.slopes if _fused(score_mod) else None
+    out, lse = native_attention(query, key, value, plan, scale=scale, alibi_slopes=slopes)
     weights = None
     if return_weights == "sparse":
         from attnkit.kernels.tiled import tiled_attention

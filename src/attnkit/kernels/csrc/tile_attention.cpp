@@ -212,9 +212,20 @@ inline void mask_run(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t 
   }
 }
 
+// ALiBi, fused: s[i, j] += slope * (key k0 + j - query q0 + i), the bias FlexAttention's
+// `score + slopes[h] * (kv_idx - q_idx)` adds (the same product, rounded once). s: (m, w) with ld w.
+template <typename T>
+inline void add_alibi(T* s, int64_t m, int64_t w, int64_t q0, int64_t k0, T slope) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* row = s + i * w;
+    const T base = (T)(k0 - q0 - i);
+    for (int64_t j = 0; j < w; ++j) row[j] += slope * (base + (T)j);
+  }
+}
+
 template <typename T>
 void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan& pl, int64_t N, int64_t D,
-                  int64_t Dv, T scale) {
+                  int64_t Dv, T scale, const T* slope) {
   const int64_t L = pl.L, S = pl.S, Bq = pl.block;
   const int64_t nq = (L + Bq - 1) / Bq;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -240,6 +251,7 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
         T* s = sbuf.data();
         // S = scale Q K^T
         gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), s, w);
+        if (slope) add_alibi(s, m, w, q0, k0, slope[n]);
         mask_run(pl, n, t0, t1, m, k0, w, s);
         for (int64_t i = 0; i < m; ++i) {
           T* row = s + i * w;
@@ -277,7 +289,7 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
 
 template <typename T>
 void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* dout, const T* lse, T* dq, T* dk,
-                   T* dv, const Plan& pl, int64_t N, int64_t D, int64_t Dv, T scale) {
+                   T* dv, const Plan& pl, int64_t N, int64_t D, int64_t Dv, T scale, const T* slope) {
   const int64_t L = pl.L, S = pl.S, Bq = pl.block;
   const int64_t nq = (L + Bq - 1) / Bq;
   struct Scratch {
@@ -315,6 +327,7 @@ void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* do
           T* ds = dsbuf.data();
           // P = exp(scale Q K^T - lse)
           gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), p, w);
+          if (slope) add_alibi(p, m, w, q0, k0, slope[n]);
           mask_run(pl, n, t0, t1, m, k0, w, p);
           for (int64_t i = 0; i < m; ++i) exp_sum(p + i * w, w, lrow[i]);
           // dV += P^T dO
@@ -357,17 +370,26 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
               "q, k, v shapes disagree");
 }
 
+// slope: empty (no ALiBi) or (N,) in q's dtype, one ALiBi slope per batch row (batch x head)
+void check_slope(const at::Tensor& slope, const at::Tensor& q) {
+  if (slope.numel() == 0) return;
+  TORCH_CHECK(slope.device().is_cpu() && slope.dim() == 1 && slope.is_contiguous() && slope.size(0) == q.size(0) &&
+              slope.scalar_type() == q.scalar_type(), "slope must be a contiguous (N,) CPU tensor of q's dtype");
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ptr,
                                 const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
-                                int64_t block, double scale) {
+                                int64_t block, double scale, const at::Tensor& slope) {
   check_qkv(q, k, v);
+  check_slope(slope, q);
   const int64_t N = q.size(0), L = q.size(1), D = q.size(2), S = k.size(1), Dv = v.size(2);
   Plan pl = make_plan(ptr, col, part, forbid, block, L, S);
   auto out = at::empty({N, L, Dv}, q.options());
   auto lse = at::empty({N, L}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_forward", [&] {
     forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                           out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), pl, N, D, Dv, (scalar_t)scale);
+                           out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), pl, N, D, Dv, (scalar_t)scale,
+                           slope.numel() ? slope.data_ptr<scalar_t>() : nullptr);
   });
   return {out, lse};
 }
@@ -375,8 +397,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& ptr,
                                  const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
-                                 int64_t block, double scale) {
+                                 int64_t block, double scale, const at::Tensor& slope) {
   check_qkv(q, k, v);
+  check_slope(slope, q);
   TORCH_CHECK(out.is_contiguous() && dout.is_contiguous() && lse.is_contiguous(), "out, dout, lse must be contiguous");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
               lse.scalar_type() == q.scalar_type(), "out, dout, lse must share q's dtype");
@@ -387,7 +410,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
     backward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                             out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                             dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), pl, N, D,
-                            Dv, (scalar_t)scale);
+                            Dv, (scalar_t)scale, slope.numel() ? slope.data_ptr<scalar_t>() : nullptr);
   });
   return {dq, dk, dv};
 }
@@ -395,6 +418,6 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "tile attention forward over a CSR block plan: (out, lse)");
-  m.def("backward", &backward, "tile attention backward over a CSR block plan: (dq, dk, dv)");
+  m.def("forward", &forward, "tile attention forward over a CSR block plan (optional fused ALiBi): (out, lse)");
+  m.def("backward", &backward, "tile attention backward over a CSR block plan (optional fused ALiBi): (dq, dk, dv)");
 }
