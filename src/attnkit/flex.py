@@ -29,6 +29,7 @@ Shape:
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,30 +68,27 @@ def noop_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
 
 def and_masks(*mask_mods: Callable) -> Callable:
     """A mask_mod allowing a pair iff every one of ``mask_mods`` does."""
-    if not all(callable(m) for m in mask_mods):
-        raise TypeError("and_masks takes mask_mod callables (b, h, q_idx, kv_idx) -> bool.")
-
-    def and_mask(b, h, q_idx, kv_idx):
-        out = torch.tensor(True)
-        for m in mask_mods:
-            out = out & m(b, h, q_idx, kv_idx)
-        return out
-
-    return and_mask
+    return _fold("and_masks", operator.and_, True, mask_mods)
 
 
 def or_masks(*mask_mods: Callable) -> Callable:
     """A mask_mod allowing a pair iff any of ``mask_mods`` does."""
-    if not all(callable(m) for m in mask_mods):
-        raise TypeError("or_masks takes mask_mod callables (b, h, q_idx, kv_idx) -> bool.")
+    return _fold("or_masks", operator.or_, False, mask_mods)
 
-    def or_mask(b, h, q_idx, kv_idx):
-        out = torch.tensor(False)
+
+def _fold(name: str, op: Callable, start: bool, mask_mods: tuple) -> Callable:
+    """The mask_mod ``start op m1(...) op m2(...) ...`` of ``mask_mods``."""
+    if not all(callable(m) for m in mask_mods):
+        raise TypeError(f"{name} takes mask_mod callables (b, h, q_idx, kv_idx) -> bool.")
+
+    def combined(b, h, q_idx, kv_idx):
+        out = torch.tensor(start)
         for m in mask_mods:
-            out = out | m(b, h, q_idx, kv_idx)
+            out = op(out, m(b, h, q_idx, kv_idx))
         return out
 
-    return or_mask
+    combined.__name__ = name.replace("_masks", "_mask")
+    return combined
 
 
 def _check_len(name: str, value) -> int:
