@@ -104,3 +104,18 @@ def test_empty_batch_and_zero_width_heads(backend, gen, device):
     v = torch.randn(1, 2, 5, 3, generator=gen)
     out = attention(q0, q0, v.to(device), backend=backend)  # D = 0: every score is 0, so out is the mean of the values
     torch.testing.assert_close(out.cpu(), v.mean(-2, keepdim=True).expand(1, 2, 5, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_the_finite_check_sees_one_bad_entry_anywhere(dtype, bad):
+    from attnkit.functional._nonfinite import _all_finite
+
+    x = torch.randn(2, 3, 70, 16).to(dtype).requires_grad_()
+    assert _all_finite(x)
+    for where in [(0, 0, 0, 0), (1, 2, 69, 15), (1, 0, 33, 7)]:
+        y = x.detach().clone()
+        y[where] = bad
+        assert not _all_finite(y)
+    big = torch.full((5,), torch.finfo(dtype).max, dtype=dtype)  # finite extremes are finite
+    assert _all_finite(big) and _all_finite(-big)
