@@ -88,3 +88,18 @@ def test_bad_data_file_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["translate", "train", "--beam", "0"])
     assert exc.value.code == 2 and "argument --beam: expected an int in [1, 100], got '0'" in capsys.readouterr().err
+
+
+def test_time_limit_saves_says_how_far_it_got_and_resume_finishes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["translate", "train", "--out", str(out), "--epochs", "2", "--hidden", "32", "--embed-dim", "16",
+            "--no-progress"]
+    assert main([*args, "--max-minutes", "0.0001"]) == 0  # stops after its first step, then evaluates
+    printed = capsys.readouterr().out
+    assert "time limit reached (0.0001 min) with 0 of 2 epochs complete" in printed
+    assert "`--resume` continues" in printed
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 0
+    assert main(["translate", "train", "--out", str(out), "--resume", "--max-minutes", "60", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 2 of 2: train loss" in printed and "time limit" not in printed
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2

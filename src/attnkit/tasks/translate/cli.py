@@ -262,14 +262,16 @@ def _train_locked(args, cfg, out: Path) -> int:
     if hist:
         last = hist[-1]
         valid = f", valid loss {last['valid_loss']:.3f}" if "valid_loss" in last else ""
-        print(f"epoch {last['epoch']}: train loss {last['train_loss']:.3f}{valid}; "
+        print(f"epoch {last['epoch']} of {result['config'].epochs}: train loss {last['train_loss']:.3f}{valid}; "
               f"{result['train_seconds']:.0f} s of training in this session")
     if result["status"] == "interrupted":
         print(f"interrupted: checkpoint saved in {out}; continue with "
               f"`attnkit translate train --out {out} --resume`", file=sys.stderr)
         return 130
     if result["status"] == "time limit":
-        print(f"time limit reached ({cfg.max_minutes} min): checkpoint saved in {out}")
+        done = len(hist)
+        print(f"time limit reached ({cfg.max_minutes} min) with {done} of {result['config'].epochs} epochs complete: "
+              f"checkpoint saved in {out}; `--resume` continues")
     model = result["model"]
     metrics, samples = evaluate(model, result["splits"]["test"], result["src_vocab"], result["tgt_vocab"],
                                 beam=args.beam, length_penalty=args.length_penalty, max_len=result["config"].max_len)
