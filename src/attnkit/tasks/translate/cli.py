@@ -25,10 +25,10 @@ PRESETS = {
                                       epochs=10, batch_size=32, lr=1e-3),
     ("file", "rnn"): dict(embed_dim=256, hidden=256, num_layers=2, dropout=0.2, epochs=10, batch_size=64,
                           lr=5e-3, min_freq=2, vocab="subword", vocab_size=8000, max_len=100),
-    # sized for 30 minutes on 2 cores (--max-minutes 30 stops the 2-core VM about 120 steps into the 14th epoch, the
-    # learning rate then at 7 % of its peak) over the 65k Tatoeba training pairs: 4,000 subwords
-    # a side (the output layer is most of the work: 1.5x the sentences per second of 8,000) and batches of 128
-    # (1.3x again), warm-up, then linear decay to 0 at the last step
+    # sized for 30 minutes on 2 cores over the 65k Tatoeba training pairs: 4,000 subwords a side (the output layer
+    # is most of the work: 1.5x the sentences per second of 8,000) and batches of 128 (1.3x again), warm-up, then
+    # linear decay to 0 at the end of the 14th epoch (--max-minutes 30 stops the 2-core VM about 120 steps into it,
+    # the learning rate then at 7 % of its peak)
     ("file", "transformer"): dict(hidden=128, num_heads=4, ff_dim=512, num_layers=2, dropout=0.1, epochs=14,
                                   batch_size=128, lr=2e-3, warmup_steps=1000, schedule="linear", min_freq=2,
                                   label_smoothing=0.1, vocab="subword", vocab_size=4000, max_len=100,
