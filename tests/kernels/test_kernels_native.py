@@ -37,6 +37,14 @@ def _docs_ref(lengths, L):
     return (ids[:, None] == ids[None, :]) & causal_ref(L, L)
 
 
+def _gapped(b, h, qi, kv):
+    """A +-100 window with holes at the ends of tiles far from the diagonal: a row's allowed keys in a run's
+    first (last) tile are one interval that stops short of the tile's end (starts after its start), or two."""
+    far_left = (kv % 64 >= 40) & (kv < qi - 64)
+    far_right = (kv % 64 < 20) & (kv > qi + 64)
+    return ((qi - kv).abs() <= 100) & ~far_left & ~far_right
+
+
 def _cases(L, S):
     """(attnkit mask, dense float64-reference mask) pairs: window, causal window, block sparse, packed documents,
     a mask_mod, a per-head random mask."""
@@ -51,6 +59,7 @@ def _cases(L, S):
         "mask_mod": (masks.mask_mod(lambda b, h, qi, kv: (qi - kv).abs() <= 33), window_ref(L, S, 33, 33)
                      if L == S else None),
         "random-per-head": (masks.dense(per_head), per_head),
+        "gapped": (masks.mask_mod(_gapped), _gapped(None, None, torch.arange(L)[:, None], torch.arange(S))),
     }
     if L == S:
         docs = [L // 4, L // 2, L - L // 4 - L // 2]
@@ -61,7 +70,7 @@ def _cases(L, S):
 @built
 @pytest.mark.parametrize("L,S", [(150, 150), (97, 203), (203, 64)])
 @pytest.mark.parametrize("kind", ["window", "causal-window", "blocksparse", "mask_mod", "random-per-head",
-                                  "documents"])
+                                  "documents", "gapped"])
 def test_forward_lse_and_gradients_match_the_float64_reference(kind, L, S):
     cases = _cases(L, S)
     if kind not in cases:
@@ -170,10 +179,53 @@ def test_auto_picks_it_for_sparse_masks_on_the_cpu():
     assert dispatch.choose(q, q, q, mask=masks.window(64, 64), **{**req, "score_mod": lambda s, *i: s}) == "tiled"
 
 
+@built
+@pytest.mark.parametrize("pool_mb", [None, "0"])
+def test_outputs_reused_from_the_buffer_cache_never_alias_live_results(pool_mb):
+    """The kernel's outputs of 1 MiB or more come from a cache of freed buffers (ATTNKIT_NATIVE_POOL_MB, 0 = off):
+    a result that is still alive is never handed out again, and a reused buffer holds the new result."""
+    script = textwrap.dedent("""
+        import torch
+        from attnkit import masks
+        from attnkit.functional import attention
+        g = torch.Generator().manual_seed(0)
+        m = masks.window(16, 16)
+        def inputs():
+            return [torch.randn(1, 4, 1024, 64, generator=g).requires_grad_() for _ in range(3)]
+        def ref(q, k, v):
+            s = (q @ k.transpose(-1, -2) / 8).masked_fill(~m.materialize(1024, 1024), float("-inf"))
+            return torch.softmax(s.double(), -1) @ v.double()
+        a, b = inputs(), inputs()
+        out_a = attention(*a, mask=m, backend="native")  # 1 MiB: pooled
+        out_b = attention(*b, mask=m, backend="native")
+        grads_a = torch.autograd.grad(out_a, a, torch.ones_like(out_a))
+        grads_b = torch.autograd.grad(out_b, b, torch.ones_like(out_b))
+        ptrs = {t.data_ptr() for t in (out_a, out_b, *grads_a, *grads_b)}
+        errs = [float((out_a.double() - ref(*a)).abs().max()), float((out_b.double() - ref(*b)).abs().max())]
+        freed = {t.data_ptr() for t in (out_a, *grads_a)}
+        del out_a, grads_a
+        c = inputs()
+        out_c = attention(*c, mask=m, backend="native")
+        errs.append(float((out_c.double() - ref(*c)).abs().max()))
+        print(len(ptrs), int(out_c.data_ptr() in freed), max(errs))
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(native.__file__).parents[2]))
+    env.pop("ATTNKIT_NATIVE_POOL_MB", None)
+    if pool_mb is not None:
+        env["ATTNKIT_NATIVE_POOL_MB"] = pool_mb
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    distinct, reused, err = res.stdout.split()
+    assert int(distinct) == 8  # two live outputs and their six gradients: eight buffers
+    assert err and float(err) < 1e-5
+    if pool_mb is None:  # a freed buffer serves the next call (with the cache off, malloc may or may not reuse one)
+        assert int(reused) == 1
+
+
 def test_plan_arrays_list_each_block_s_tiles_and_partial_masks():
     mask = masks.window(70, 0)  # 64-row tiles: diagonal partial, the one left of it partial, others full
     plan = mask.plan(200, 200, 64, batch_ndim=2)
-    ptr, col, part, forbid = native._csr(plan, (1, 1))
+    ptr, col, part, forbid, span = native._csr(plan, (1, 1))
     dense = window_ref(200, 200, 70, 0)
     assert ptr.tolist() == [0, 1, 3, 6, 9]  # block b sees keys 64 b - 70 .. 64 b + 63
     for b in range(4):
@@ -184,6 +236,26 @@ def test_plan_arrays_list_each_block_s_tiles_and_partial_masks():
             if p >= 0:
                 r, c = sub.shape
                 assert torch.equal(~forbid[p, 0, :r, :c], sub)
+                lo, hi = span[p, 0, :r].unbind(-1)  # a window's rows: one interval each
+                assert (lo >= 0).all()
+                for i in range(r):
+                    allowed = torch.zeros(64, dtype=torch.bool)
+                    allowed[lo[i]:hi[i]] = True
+                    assert torch.equal(allowed[:c], sub[i])
+
+
+def test_plan_spans_mark_tiles_whose_rows_are_not_one_interval():
+    forbid = torch.ones(3, 1, 4, 8, dtype=torch.bool)
+    forbid[0, 0, :, 2:5] = False  # every row [2, 5)
+    forbid[1, 0, 0, 1:3] = False  # row 0 [1, 3), row 1 none, row 2 [0, 8), row 3 two pieces: not an interval tile
+    forbid[1, 0, 2] = False
+    forbid[1, 0, 3, [0, 5]] = False
+    forbid[2, 0, 1, 7] = False  # rows with none and one with [7, 8)
+    span = native._spans(forbid)
+    assert span.dtype == torch.int32 and span.shape == (3, 1, 4, 2)
+    assert span[0, 0].tolist() == [[2, 5]] * 4
+    assert (span[1, 0, :, 0] == -1).all()
+    assert span[2, 0].tolist() == [[8, 0], [7, 8], [8, 0], [8, 0]]
 
 
 def test_without_a_compiler_it_says_so_once_and_runs_the_pure_pytorch_kernels(tmp_path):

@@ -41,7 +41,8 @@ _TILE = 64  # query rows and key columns of a tile: a +-128 window computes 320 
 
 
 def _csr(plan: BlockMask, batch: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``ptr`` (nq + 1,), ``col`` (T,), ``part`` (T,) int64 and ``forbid`` (P, Nm, Bq, Bk) bool of ``plan``."""
+    """``ptr`` (nq + 1,), ``col`` (T,), ``part`` (T,) int64, ``forbid`` (P, Nm, Bq, Bk) bool and its ``span``
+    (P, Nm, Bq, 2) int32 (:func:`_spans`) of ``plan``."""
     nq = -(-plan.L // plan.block)
     N = math.prod(batch)
     counts = torch.zeros(nq, dtype=torch.long)
@@ -78,7 +79,23 @@ def _csr(plan: BlockMask, batch: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]
         forbid = torch.cat([f.expand(f.shape[0], nm, *f.shape[2:]) for f in forbids]).contiguous()
     else:
         forbid = torch.zeros(0, 1, plan.block, plan.block, dtype=torch.bool)
-    return ptr, col, prt, forbid
+    return ptr, col, prt, forbid, _spans(forbid)
+
+
+def _spans(forbid: Tensor) -> Tensor:
+    """``(P, Nm, Bq, 2)`` int32: each row's allowed interval ``[lo, hi)`` of a partial tile whose every row allows
+    one interval (``lo = Bk, hi = 0`` for a row with none), and ``lo = -1`` on every row of the other tiles."""
+    allowed = ~forbid
+    Bk = forbid.shape[-1]
+    cols = torch.arange(Bk)
+    count = allowed.sum(-1)
+    lo = torch.where(allowed, cols, Bk).amin(-1)
+    hi = torch.where(allowed, cols + 1, 0).amax(-1)
+    interval = ((count == hi - lo) | (count == 0)).flatten(1).all(-1)  # (P,)
+    lo = torch.where(count == 0, Bk, lo)
+    hi = torch.where(count == 0, 0, hi)
+    lo = torch.where(interval[:, None, None], lo, -1)
+    return torch.stack([lo, hi], -1).to(torch.int32).contiguous()
 
 
 def _plan_arrays(plan: BlockMask, batch: tuple):

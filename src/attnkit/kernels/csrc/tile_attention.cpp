@@ -2,8 +2,12 @@
 //
 // The plan arrives as CSR arrays over query blocks: block b reads key tiles col[ptr[b] .. ptr[b+1]), and
 // part[t] is -1 for a full tile (no mask evaluated) or the row of `forbid` (P, Nm, Bq, Bk) holding that
-// partial tile's forbidden pairs. Consecutive key tiles form runs (up to kMaxRun keys), read in place by one
-// BLAS GEMM with leading dimensions (no gathered copies):
+// partial tile's forbidden pairs; span (P, Nm, Bq, 2) holds, for a partial tile whose every row allows one
+// interval of keys, that interval [lo, hi) (lo = Bk, hi = 0 for a row with none), and lo = -1 for the other
+// partial tiles. Consecutive key tiles form runs (up to kMaxRun keys), read in place by one BLAS GEMM with
+// leading dimensions (no gathered copies). A run whose first (last) tile is an interval tile narrows each row
+// to the columns [a, b) that can hold an allowed key: the exponentials and the mask are evaluated there only,
+// the rest of the row is zero (a +-128 window: 257 of the 320 columns of a 64-row block):
 //
 //   S = scale Q_b K_run^T ;  S = -inf where a partial tile forbids
 //   m' = max(m, rowmax S) ;  P = exp(S - m') ;  l = l e^(m - m') + rowsum P ;  O = O e^(m - m') + P V_run
@@ -24,8 +28,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <list>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -173,11 +181,80 @@ inline void dynamic_for(int64_t total, Init init, Body body) {
   });
 }
 
+// The kernel's outputs (out, lse, dq, dk, dv) come from a small cache of the buffers that earlier outputs freed.
+// A fresh buffer costs one page fault per 4 KiB page on first touch (about 13 ms for a 32 MiB output on the
+// 2-core VM it was measured on, a tenth of the window forward's time), and glibc returns every allocation of
+// 32 MiB or more to the system when it is freed; a reused buffer costs none. The cache holds at most
+// ATTNKIT_NATIVE_POOL_MB MiB (default 256; 0 turns it off), keeps only buffers of 1 MiB or more, matches sizes
+// exactly, and frees the oldest buffers first when it is full.
+class BufferPool {
+ public:
+  static BufferPool& get() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: tensors may free into it at exit
+    return *pool;
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (auto n : sizes) numel *= n;
+    const size_t bytes = (size_t)numel * options.dtype().itemsize();
+    if (bytes < kMinBytes || bytes > cap_) return at::empty(sizes, options);
+    void* data = take(bytes);
+    return at::from_blob(data, sizes, [this, bytes](void* p) { give(p, bytes); }, options);
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t(1) << 20;
+
+  BufferPool() {
+    const char* env = std::getenv("ATTNKIT_NATIVE_POOL_MB");
+    const long mb = env ? std::strtol(env, nullptr, 10) : 256;
+    cap_ = mb > 0 ? (size_t)mb << 20 : 0;
+  }
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = free_.rbegin(); it != free_.rend(); ++it) {  // the most recently freed first
+        if (it->first == bytes) {
+          void* p = it->second;
+          held_ -= bytes;
+          free_.erase(std::next(it).base());
+          return p;
+        }
+      }
+    }
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, bytes) != 0) throw std::bad_alloc();
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (held_ + bytes > cap_ && !free_.empty()) {
+        held_ -= free_.front().first;
+        evicted.push_back(free_.front().second);
+        free_.pop_front();
+      }
+      free_.emplace_back(bytes, p);
+      held_ += bytes;
+    }
+    for (void* e : evicted) std::free(e);
+  }
+
+  std::mutex mu_;
+  std::list<std::pair<size_t, void*>> free_;  // oldest first
+  size_t held_ = 0, cap_ = 0;
+};
+
 struct Plan {
   const int64_t* ptr;   // (nq + 1,)
   const int64_t* col;   // (T,) key tile ids, ascending within a block
   const int64_t* part;  // (T,) -1 full, else row of forbid
   const bool* forbid;   // (P, Nm, Bq, Bk)
+  const int32_t* span;  // (P, Nm, Bq, 2): [lo, hi) of an interval tile's rows; lo = -1 for the other tiles
   int64_t Nm, block, L, S;
 };
 
@@ -194,14 +271,55 @@ inline void for_runs(const Plan& pl, int64_t b, F f) {
   }
 }
 
-// Set forbidden scores of the run's partial tiles to -inf. s: (m, w) with ld w, the run starting at key k0.
+// The span rows of tile position t, or nullptr where the tile is full or not an interval tile.
+inline const int32_t* interval_rows(const Plan& pl, int64_t n, int64_t t) {
+  const int64_t p = pl.part[t];
+  if (p < 0) return nullptr;
+  const int32_t* sp = pl.span + (p * pl.Nm + (pl.Nm == 1 ? 0 : n)) * pl.block * 2;
+  return sp[0] < 0 ? nullptr : sp;
+}
+
+// Columns [a[i], b[i]) of the run's rows that can hold an allowed key (see the header), and -inf where a
+// narrowed end tile's interval leaves a gap inside [a, b) (a first tile's row allowing [lo, hi) with hi < Bk);
+// returns whether the first and the last tile were narrowed (their masks then need no evaluation).
 template <typename T>
-inline void mask_run(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t m, int64_t k0, int64_t w, T* s) {
+inline std::pair<bool, bool> row_spans(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t m, int64_t w,
+                                       T* s, int64_t* a, int64_t* b) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int32_t* first = interval_rows(pl, n, t0);
+  const int32_t* last = interval_rows(pl, n, t1 - 1);
+  const int64_t Bk = pl.block, c_last = (t1 - 1 - t0) * Bk;  // the runs' tiles are consecutive
+  for (int64_t i = 0; i < m; ++i) {
+    T* row = s + i * w;
+    int64_t lo = 0, hi = w;
+    if (first) {
+      lo = first[2 * i];
+      const int64_t gap = first[2 * i + 1];  // allowed [lo, gap) of the first tile
+      if (t1 - 1 == t0) hi = std::min<int64_t>(gap, w);
+      else if (lo < gap && gap < Bk) std::fill(row + gap, row + Bk, ninf);
+    }
+    if (last && t1 - 1 > t0) {
+      const int64_t l0 = last[2 * i], l1 = last[2 * i + 1];
+      hi = std::min<int64_t>(c_last + l1, w);
+      if (0 < l0 && l0 < l1) std::fill(row + c_last, row + std::min<int64_t>(c_last + l0, w), ninf);
+      if (l0 >= l1) hi = c_last;  // nothing allowed in the last tile
+    }
+    a[i] = std::min<int64_t>(lo, w);
+    b[i] = std::max(a[i], hi);
+  }
+  return {first != nullptr, last != nullptr};
+}
+
+// Set forbidden scores of the run's partial tiles to -inf, except the first and last tiles when `skip` says
+// they were narrowed. s: (m, w) with ld w, the run starting at key k0.
+template <typename T>
+inline void mask_run(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t m, int64_t k0, int64_t w, T* s,
+                     std::pair<bool, bool> skip) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t Bq = pl.block, Bk = pl.block;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t p = pl.part[t];
-    if (p < 0) continue;
+    if (p < 0 || (t == t0 && skip.first) || (t == t1 - 1 && skip.second)) continue;
     const bool* f = pl.forbid + ((p * pl.Nm + (pl.Nm == 1 ? 0 : n)) * Bq) * Bk;
     const int64_t c0 = pl.col[t] * Bk - k0, c1 = std::min(c0 + Bk, w);
     for (int64_t i = 0; i < m; ++i) {
@@ -231,12 +349,15 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
   const T ninf = -std::numeric_limits<T>::infinity();
   struct Scratch {
     std::vector<T> sbuf, obuf, mrow, lrow, alpha;
+    std::vector<int64_t> ra, rb;
   };
   dynamic_for(N * nq, [&] {
     return Scratch{std::vector<T>(Bq * std::max(kMaxRun, pl.block)), std::vector<T>(Bq * Dv), std::vector<T>(Bq),
-                   std::vector<T>(Bq), std::vector<T>(Bq)};
+                   std::vector<T>(Bq), std::vector<T>(Bq), std::vector<int64_t>(Bq), std::vector<int64_t>(Bq)};
   }, [&](Scratch& sc, int64_t job) {
     auto& sbuf = sc.sbuf; auto& obuf = sc.obuf; auto& mrow = sc.mrow; auto& lrow = sc.lrow; auto& alpha = sc.alpha;
+    int64_t* ra = sc.ra.data();
+    int64_t* rb = sc.rb.data();
     {
       const int64_t n = job / nq, b = job % nq;
       const int64_t q0 = b * Bq, m = std::min(Bq, L - q0);
@@ -252,16 +373,19 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
         // S = scale Q K^T
         gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), s, w);
         if (slope) add_alibi(s, m, w, q0, k0, slope[n]);
-        mask_run(pl, n, t0, t1, m, k0, w, s);
+        mask_run(pl, n, t0, t1, m, k0, w, s, row_spans(pl, n, t0, t1, m, w, s, ra, rb));
         for (int64_t i = 0; i < m; ++i) {
           T* row = s + i * w;
-          const T mx = row_max(row, w, mrow[i]);
+          const int64_t a = ra[i], e = rb[i];
+          const T mx = row_max(row + a, e - a, mrow[i]);
           if (mx == ninf) {  // nothing allowed yet on this row
             std::fill(row, row + w, T(0));
             alpha[i] = T(1);
             continue;
           }
-          const T sum = exp_sum(row, w, mx);
+          std::fill(row, row + a, T(0));
+          std::fill(row + e, row + w, T(0));
+          const T sum = exp_sum(row + a, e - a, mx);
           alpha[i] = mrow[i] == ninf ? T(0) : exp_floor(mrow[i] - mx);
           lrow[i] = lrow[i] * alpha[i] + sum;
           mrow[i] = mx;
@@ -294,12 +418,16 @@ void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* do
   const int64_t nq = (L + Bq - 1) / Bq;
   struct Scratch {
     std::vector<T> pbuf, dsbuf, delta, lrow;
+    std::vector<int64_t> ra, rb;
   };
   const int64_t width = std::max(kMaxRun, pl.block);
   dynamic_for(N, [&] {
-    return Scratch{std::vector<T>(Bq * width), std::vector<T>(Bq * width), std::vector<T>(Bq), std::vector<T>(Bq)};
+    return Scratch{std::vector<T>(Bq * width), std::vector<T>(Bq * width), std::vector<T>(Bq), std::vector<T>(Bq),
+                   std::vector<int64_t>(Bq), std::vector<int64_t>(Bq)};
   }, [&](Scratch& sc, int64_t n) {
     auto& pbuf = sc.pbuf; auto& dsbuf = sc.dsbuf; auto& delta = sc.delta; auto& lrow = sc.lrow;
+    int64_t* ra = sc.ra.data();
+    int64_t* rb = sc.rb.data();
     {
       const T* kn = k + n * S * D;
       const T* vn = v + n * S * Dv;
@@ -328,17 +456,24 @@ void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* do
           // P = exp(scale Q K^T - lse)
           gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), p, w);
           if (slope) add_alibi(p, m, w, q0, k0, slope[n]);
-          mask_run(pl, n, t0, t1, m, k0, w, p);
-          for (int64_t i = 0; i < m; ++i) exp_sum(p + i * w, w, lrow[i]);
+          mask_run(pl, n, t0, t1, m, k0, w, p, row_spans(pl, n, t0, t1, m, w, p, ra, rb));
+          for (int64_t i = 0; i < m; ++i) {
+            T* row = p + i * w;
+            std::fill(row, row + ra[i], T(0));
+            std::fill(row + rb[i], row + w, T(0));
+            exp_sum(row + ra[i], rb[i] - ra[i], lrow[i]);
+          }
           // dV += P^T dO
           gemm<T>(true, false, w, Dv, m, T(1), p, w, dob, Dv, T(1), dvn + k0 * Dv, Dv);
           // dP = dO V^T ; dS = P (dP - delta)
           gemm<T>(false, true, m, w, Dv, T(1), dob, Dv, vn + k0 * Dv, Dv, T(0), ds, w);
-          for (int64_t i = 0; i < m; ++i) {
+          for (int64_t i = 0; i < m; ++i) {  // zero outside [a, b), where P is
             T* dr = ds + i * w;
             const T* pr = p + i * w;
             const T di = delta[i];
-            for (int64_t j = 0; j < w; ++j) dr[j] = pr[j] * (dr[j] - di);
+            std::fill(dr, dr + ra[i], T(0));
+            for (int64_t j = ra[i]; j < rb[i]; ++j) dr[j] = pr[j] * (dr[j] - di);
+            std::fill(dr + rb[i], dr + w, T(0));
           }
           // dQ += scale dS K ; dK += scale dS^T Q
           gemm<T>(false, false, m, D, w, scale, ds, w, kn + k0 * D, D, T(1), dqb, D);
@@ -350,14 +485,17 @@ void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* do
 }
 
 Plan make_plan(const at::Tensor& ptr, const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
-               int64_t block, int64_t L, int64_t S) {
+               const at::Tensor& span, int64_t block, int64_t L, int64_t S) {
   TORCH_CHECK(ptr.dtype() == at::kLong && col.dtype() == at::kLong && part.dtype() == at::kLong,
               "plan indices must be int64");
   TORCH_CHECK(forbid.dtype() == at::kBool && forbid.dim() == 4 && forbid.is_contiguous(),
               "forbid must be a contiguous bool (P, Nm, Bq, Bk) tensor");
+  TORCH_CHECK(span.dtype() == at::kInt && span.dim() == 4 && span.is_contiguous() && span.size(0) == forbid.size(0) &&
+              span.size(1) == forbid.size(1) && span.size(2) == forbid.size(2) && span.size(3) == 2,
+              "span must be a contiguous int32 (P, Nm, Bq, 2) tensor beside forbid");
   TORCH_CHECK(ptr.numel() == (L + block - 1) / block + 1, "ptr must hold one entry per query block, plus one");
   return Plan{ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), part.data_ptr<int64_t>(),
-              forbid.data_ptr<bool>(), forbid.size(1), block, L, S};
+              forbid.data_ptr<bool>(), span.data_ptr<int32_t>(), forbid.size(1), block, L, S};
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -379,13 +517,14 @@ void check_slope(const at::Tensor& slope, const at::Tensor& q) {
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ptr,
                                 const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
-                                int64_t block, double scale, const at::Tensor& slope) {
+                                const at::Tensor& span, int64_t block, double scale, const at::Tensor& slope) {
   check_qkv(q, k, v);
   check_slope(slope, q);
   const int64_t N = q.size(0), L = q.size(1), D = q.size(2), S = k.size(1), Dv = v.size(2);
-  Plan pl = make_plan(ptr, col, part, forbid, block, L, S);
-  auto out = at::empty({N, L, Dv}, q.options());
-  auto lse = at::empty({N, L}, q.options());
+  Plan pl = make_plan(ptr, col, part, forbid, span, block, L, S);
+  auto& pool = BufferPool::get();
+  auto out = pool.empty({N, L, Dv}, q.options());
+  auto lse = pool.empty({N, L}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_forward", [&] {
     forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), pl, N, D, Dv, (scalar_t)scale,
@@ -397,15 +536,17 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& ptr,
                                  const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
-                                 int64_t block, double scale, const at::Tensor& slope) {
+                                 const at::Tensor& span, int64_t block, double scale, const at::Tensor& slope) {
   check_qkv(q, k, v);
   check_slope(slope, q);
   TORCH_CHECK(out.is_contiguous() && dout.is_contiguous() && lse.is_contiguous(), "out, dout, lse must be contiguous");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
               lse.scalar_type() == q.scalar_type(), "out, dout, lse must share q's dtype");
   const int64_t N = q.size(0), L = q.size(1), D = q.size(2), S = k.size(1), Dv = v.size(2);
-  Plan pl = make_plan(ptr, col, part, forbid, block, L, S);
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  Plan pl = make_plan(ptr, col, part, forbid, span, block, L, S);
+  auto& pool = BufferPool::get();
+  auto dq = pool.empty(q.sizes(), q.options()), dk = pool.empty(k.sizes(), k.options());
+  auto dv = pool.empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_backward", [&] {
     backward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                             out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
