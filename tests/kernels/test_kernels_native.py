@@ -222,12 +222,39 @@ def test_outputs_reused_from_the_buffer_cache_never_alias_live_results(pool_mb):
         assert int(reused) == 1
 
 
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_forward_reports_a_nan_or_inf_in_exactly_the_rows_it_reads(dtype):
+    """check_finite: None for a non-finite entry in a query row of a block with tiles or a key/value row of a tile
+    in the plan; a result where it sits only in rows the plan never reads (keys 256.. of a causal 0..127 block
+    sparse mask; the queries of block 1, which has no tiles)."""
+    tiles = torch.zeros(4, 4, dtype=torch.bool)
+    tiles[0, 0] = tiles[2, :2] = tiles[3, 3] = True  # 64 x 64 tiles; query block 1 reads nothing, key tile 2 unread
+    dense = tiles.repeat_interleave(64, 0).repeat_interleave(64, 1)
+    mask = masks.dense(dense)
+    plan = native.plan_for(mask, torch.zeros(1, 1, 256, 8), torch.zeros(1, 1, 256, 8))
+    for which, row, read in [("q", 10, True), ("q", 70, False), ("q", 130, True), ("k", 100, True),
+                             ("k", 150, False), ("v", 140, False), ("v", 200, True), ("k", 255, True)]:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            q, k, v = _qkv(B=1, H=2, L=256, S=256, D=8, dtype=dtype)
+            {"q": q, "k": k, "v": v}[which][0, 1, row, 3] = bad
+            res = native.native_attention(q, k, v, plan, check_finite=True)
+            assert (res is None) == read, (which, row, bad)
+            if not read:  # the rows never read change nothing: the same result as with them zeroed
+                for t in (q, k, v):
+                    t.nan_to_num_(0.0, 0.0, 0.0)
+                out, _ = native.native_attention(q, k, v, plan)
+                torch.testing.assert_close(res[0], out, rtol=0, atol=0)
+
+
 def test_plan_arrays_list_each_block_s_tiles_and_partial_masks():
     mask = masks.window(70, 0)  # 64-row tiles: diagonal partial, the one left of it partial, others full
     plan = mask.plan(200, 200, 64, batch_ndim=2)
-    ptr, col, part, forbid, span = native._csr(plan, (1, 1))
+    ptr, col, part, forbid, span, first = native._csr(plan, (1, 1))
     dense = window_ref(200, 200, 70, 0)
     assert ptr.tolist() == [0, 1, 3, 6, 9]  # block b sees keys 64 b - 70 .. 64 b + 63
+    assert col.tolist() == [0, 0, 1, 0, 1, 2, 1, 2, 3]
+    assert first.tolist() == [True, False, True, False, False, True, False, False, True]  # each tile's first use
     for b in range(4):
         tiles = col[ptr[b]:ptr[b + 1]].tolist()
         for t, p in zip(tiles, part[ptr[b]:ptr[b + 1]].tolist(), strict=True):

@@ -121,15 +121,19 @@ def attention(
         raise ValueError(f"return_weights must be False, True or 'sparse'; got {return_weights!r}.")
     dropout_p = check_probability("dropout_p", dropout_p)
 
-    seen = None
-    if mask is not None and not dispatch._tracing():
-        key, value = _sanitize_unused_keys(mask, query, key, value)
-        query, key, value, seen = _nonfinite.guard(query, key, value, mask)
     request = dict(score=score, score_mod=score_mod, mask=mask, bias=bias, normalize=normalize, scale=scale,
                    dropout_p=dropout_p, return_weights=return_weights, return_lse=bool(return_lse))
     name = dispatch.choose(query, key, value, **request) if backend == "auto" else dispatch.validate(
         backend, query, key, value, **request)
-    out, weights, lse = _nonfinite.poison(seen, *dispatch.run(name, query, key, value, **request))
+    seen, result = None, None
+    if mask is not None and not dispatch._tracing():
+        key, value = _sanitize_unused_keys(mask, query, key, value)
+        result = dispatch.run_checked(name, query, key, value, **request)  # a kernel that checks as it reads
+        if result is None:
+            query, key, value, seen = _nonfinite.guard(query, key, value, mask)
+    if result is None:
+        result = dispatch.run(name, query, key, value, **request)
+    out, weights, lse = _nonfinite.poison(seen, *result)
     if return_weights == "sparse" and not weights.is_sparse:  # a backend that materialized them anyway
         weights = weights.to_sparse()
     if not (return_weights or return_lse):

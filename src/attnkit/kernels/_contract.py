@@ -6,7 +6,11 @@ A kernel file defines three functions over one *request* (keyword arguments ``sc
 
 * ``supports(query, key, value, **request) -> str | None``: None if it can serve the request, else the reason;
 * ``suits(query, key, value, **request) -> bool``: whether ``backend="auto"`` should pick it (speed);
-* ``run(query, key, value, **request) -> (out, weights | None, lse | None)``.
+* ``run(query, key, value, **request) -> (out, weights | None, lse | None)``;
+* optionally ``run_checked(query, key, value, **request) -> (out, weights, lse) | None``: ``run`` on inputs the
+  non-finite guard (:mod:`attnkit.functional._nonfinite`) has not seen, None where a row it read is not finite
+  (the caller then guards them and calls ``run``): for a kernel that can check the rows it reads more cheaply
+  than the guard's pass over all of them.
 
 :mod:`attnkit.kernels.dispatch` holds the ordered table. ``lse`` is the natural-log log-sum-exp of the scores
 each query normalized over (``-inf`` for a row with no allowed key), ``(..., L)``; it carries no gradient.

@@ -64,3 +64,11 @@ def validate(name: str, query, key, value, **request) -> str:
 def run(name: str, query, key, value, **request):
     """Run backend ``name``: ``(out, weights | None, lse | None)``."""
     return BACKENDS[name].run(query, key, value, **request)
+
+
+def run_checked(name: str, query, key, value, **request):
+    """Run backend ``name`` on inputs the non-finite guard has not seen, where it checks them itself as it reads
+    them (``run_checked`` in its file): ``(out, weights | None, lse | None)``, or None where it cannot vouch for
+    them (a NaN or an inf in a row it read, or no such check), and the caller guards and calls :func:`run`."""
+    checked = getattr(BACKENDS[name], "run_checked", None)
+    return None if checked is None else checked(query, key, value, **request)

@@ -19,7 +19,9 @@
 //   dK_run += scale dS^T Q_b
 //
 // float32 runs on MKL's sgemm (exported by libtorch_cpu), float64 (gradcheck) on dgemm; the caller converts
-// half inputs to float32. exp(x) is floored at -60 and zeroed there (no subnormals reach the GEMMs).
+// half inputs to float32. exp(x) is floored at -60 and zeroed there (no subnormals reach the GEMMs). With
+// `check`, the forward also reports whether every row it read (the query rows of blocks with tiles, the key and
+// value rows of the plan's tiles) was finite, so its caller can skip a separate pass over the inputs.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -255,6 +257,7 @@ struct Plan {
   const int64_t* part;  // (T,) -1 full, else row of forbid
   const bool* forbid;   // (P, Nm, Bq, Bk)
   const int32_t* span;  // (P, Nm, Bq, 2): [lo, hi) of an interval tile's rows; lo = -1 for the other tiles
+  const bool* first;    // (T,) whether tile position t is the first use of its key tile col[t]
   int64_t Nm, block, L, S;
 };
 
@@ -341,72 +344,100 @@ inline void add_alibi(T* s, int64_t m, int64_t w, int64_t q0, int64_t k0, T slop
   }
 }
 
+// Whether every entry of x[0, n) is finite (x * 0 is NaN for a NaN or an inf, 0 otherwise; vectorized).
+template <typename T>
+inline bool all_finite(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * T(0);
+  T sum = 0;
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  for (; j < n; ++j) sum += x[j] * T(0);
+  return sum == sum;
+}
+
+// bad (null: no check) becomes true if a query row of a block with tiles, or a key or value row of a tile in the
+// plan, holds a NaN or an inf: the rows the kernel reads, each key tile checked once (at its first use).
 template <typename T>
 void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan& pl, int64_t N, int64_t D,
-                  int64_t Dv, T scale, const T* slope) {
-  const int64_t L = pl.L, S = pl.S, Bq = pl.block;
+                  int64_t Dv, T scale, const T* slope, std::atomic<bool>* bad) {
+  const int64_t L = pl.L, S = pl.S, Bq = pl.block, Bk = pl.block;
   const int64_t nq = (L + Bq - 1) / Bq;
   const T ninf = -std::numeric_limits<T>::infinity();
   struct Scratch {
-    std::vector<T> sbuf, obuf, mrow, lrow, alpha;
+    std::vector<T> sbuf, mrow, lrow, alpha;
     std::vector<int64_t> ra, rb;
   };
   dynamic_for(N * nq, [&] {
-    return Scratch{std::vector<T>(Bq * std::max(kMaxRun, pl.block)), std::vector<T>(Bq * Dv), std::vector<T>(Bq),
-                   std::vector<T>(Bq), std::vector<T>(Bq), std::vector<int64_t>(Bq), std::vector<int64_t>(Bq)};
+    return Scratch{std::vector<T>(Bq * std::max(kMaxRun, pl.block)), std::vector<T>(Bq), std::vector<T>(Bq),
+                   std::vector<T>(Bq), std::vector<int64_t>(Bq), std::vector<int64_t>(Bq)};
   }, [&](Scratch& sc, int64_t job) {
-    auto& sbuf = sc.sbuf; auto& obuf = sc.obuf; auto& mrow = sc.mrow; auto& lrow = sc.lrow; auto& alpha = sc.alpha;
+    T* mrow = sc.mrow.data();
+    T* lrow = sc.lrow.data();
+    T* alpha = sc.alpha.data();
     int64_t* ra = sc.ra.data();
     int64_t* rb = sc.rb.data();
-    {
-      const int64_t n = job / nq, b = job % nq;
-      const int64_t q0 = b * Bq, m = std::min(Bq, L - q0);
-      const T* qb = q + (n * L + q0) * D;
-      const T* kn = k + n * S * D;
-      const T* vn = v + n * S * Dv;
-      std::fill(obuf.begin(), obuf.begin() + m * Dv, T(0));
-      std::fill(mrow.begin(), mrow.begin() + m, ninf);
-      std::fill(lrow.begin(), lrow.begin() + m, T(0));
-      for_runs(pl, b, [&](int64_t t0, int64_t t1) {
-        const int64_t k0 = pl.col[t0] * pl.block, w = std::min(pl.col[t1 - 1] * pl.block + pl.block, S) - k0;
-        T* s = sbuf.data();
-        // S = scale Q K^T
-        gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), s, w);
-        if (slope) add_alibi(s, m, w, q0, k0, slope[n]);
-        mask_run(pl, n, t0, t1, m, k0, w, s, row_spans(pl, n, t0, t1, m, w, s, ra, rb));
-        for (int64_t i = 0; i < m; ++i) {
-          T* row = s + i * w;
-          const int64_t a = ra[i], e = rb[i];
-          const T mx = row_max(row + a, e - a, mrow[i]);
-          if (mx == ninf) {  // nothing allowed yet on this row
-            std::fill(row, row + w, T(0));
-            alpha[i] = T(1);
-            continue;
-          }
-          std::fill(row, row + a, T(0));
-          std::fill(row + e, row + w, T(0));
-          const T sum = exp_sum(row + a, e - a, mx);
-          alpha[i] = mrow[i] == ninf ? T(0) : exp_floor(mrow[i] - mx);
-          lrow[i] = lrow[i] * alpha[i] + sum;
-          mrow[i] = mx;
+    const int64_t n = job / nq, b = job % nq;
+    const int64_t q0 = b * Bq, m = std::min(Bq, L - q0);
+    const T* qb = q + (n * L + q0) * D;
+    const T* kn = k + n * S * D;
+    const T* vn = v + n * S * Dv;
+    T* ob = out + (n * L + q0) * Dv;  // O accumulates in place: the block's output rows have one writer
+    std::fill(mrow, mrow + m, ninf);
+    std::fill(lrow, lrow + m, T(0));
+    bool first_run = true;
+    for_runs(pl, b, [&](int64_t t0, int64_t t1) {
+      const int64_t k0 = pl.col[t0] * Bk, w = std::min(pl.col[t1 - 1] * Bk + Bk, S) - k0;
+      T* s = sc.sbuf.data();
+      // S = scale Q K^T
+      gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), s, w);
+      if (slope) add_alibi(s, m, w, q0, k0, slope[n]);
+      mask_run(pl, n, t0, t1, m, k0, w, s, row_spans(pl, n, t0, t1, m, w, s, ra, rb));
+      for (int64_t i = 0; i < m; ++i) {
+        T* row = s + i * w;
+        const int64_t a = ra[i], e = rb[i];
+        const T mx = row_max(row + a, e - a, mrow[i]);
+        if (mx == ninf) {  // nothing allowed yet on this row
+          std::fill(row, row + w, T(0));
+          alpha[i] = T(1);
+          continue;
         }
+        std::fill(row, row + a, T(0));
+        std::fill(row + e, row + w, T(0));
+        const T sum = exp_sum(row + a, e - a, mx);
+        alpha[i] = mrow[i] == ninf ? T(0) : exp_floor(mrow[i] - mx);
+        lrow[i] = lrow[i] * alpha[i] + sum;
+        mrow[i] = mx;
+      }
+      if (!first_run) {
         for (int64_t i = 0; i < m; ++i) {
           if (alpha[i] != T(1)) {
-            T* o = obuf.data() + i * Dv;
+            T* o = ob + i * Dv;
             for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha[i];
           }
         }
-        // O += P V
-        gemm<T>(false, false, m, Dv, w, T(1), s, w, vn + k0 * Dv, Dv, T(1), obuf.data(), Dv);
-      });
-      T* ob = out + (n * L + q0) * Dv;
-      T* lb = lse + n * L + q0;
-      for (int64_t i = 0; i < m; ++i) {
-        const T l = lrow[i];
-        const T inv = l > 0 ? T(1) / l : T(0);
-        for (int64_t d = 0; d < Dv; ++d) ob[i * Dv + d] = obuf[i * Dv + d] * inv;
-        lb[i] = l > 0 ? mrow[i] + std::log(l) : ninf;
       }
+      // O = P V (the first run), O += P V
+      gemm<T>(false, false, m, Dv, w, T(1), s, w, vn + k0 * Dv, Dv, first_run ? T(0) : T(1), ob, Dv);
+      first_run = false;
+    });
+    if (first_run) std::fill(ob, ob + m * Dv, T(0));  // a block with no tiles
+    T* lb = lse + n * L + q0;
+    for (int64_t i = 0; i < m; ++i) {
+      const T l = lrow[i];
+      const T inv = l > 0 ? T(1) / l : T(0);
+      for (int64_t d = 0; d < Dv; ++d) ob[i * Dv + d] *= inv;
+      lb[i] = l > 0 ? mrow[i] + std::log(l) : ninf;
+    }
+    if (bad && !first_run && !bad->load(std::memory_order_relaxed)) {
+      bool ok = all_finite(qb, m * D);
+      for (int64_t t = pl.ptr[b]; ok && t < pl.ptr[b + 1]; ++t) {
+        if (!pl.first[t]) continue;
+        const int64_t r0 = pl.col[t] * Bk, r1 = std::min(r0 + Bk, S);
+        ok = all_finite(kn + r0 * D, (r1 - r0) * D) && all_finite(vn + r0 * Dv, (r1 - r0) * Dv);
+      }
+      if (!ok) bad->store(true, std::memory_order_relaxed);
     }
   });
 }
@@ -485,7 +516,7 @@ void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* do
 }
 
 Plan make_plan(const at::Tensor& ptr, const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
-               const at::Tensor& span, int64_t block, int64_t L, int64_t S) {
+               const at::Tensor& span, const at::Tensor& first, int64_t block, int64_t L, int64_t S) {
   TORCH_CHECK(ptr.dtype() == at::kLong && col.dtype() == at::kLong && part.dtype() == at::kLong,
               "plan indices must be int64");
   TORCH_CHECK(forbid.dtype() == at::kBool && forbid.dim() == 4 && forbid.is_contiguous(),
@@ -493,9 +524,12 @@ Plan make_plan(const at::Tensor& ptr, const at::Tensor& col, const at::Tensor& p
   TORCH_CHECK(span.dtype() == at::kInt && span.dim() == 4 && span.is_contiguous() && span.size(0) == forbid.size(0) &&
               span.size(1) == forbid.size(1) && span.size(2) == forbid.size(2) && span.size(3) == 2,
               "span must be a contiguous int32 (P, Nm, Bq, 2) tensor beside forbid");
+  TORCH_CHECK(first.dtype() == at::kBool && first.is_contiguous() && first.numel() == col.numel(),
+              "first must be a contiguous bool tensor of col's length");
   TORCH_CHECK(ptr.numel() == (L + block - 1) / block + 1, "ptr must hold one entry per query block, plus one");
   return Plan{ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), part.data_ptr<int64_t>(),
-              forbid.data_ptr<bool>(), span.data_ptr<int32_t>(), forbid.size(1), block, L, S};
+              forbid.data_ptr<bool>(), span.data_ptr<int32_t>(), first.data_ptr<bool>(), forbid.size(1), block, L,
+              S};
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -517,33 +551,36 @@ void check_slope(const at::Tensor& slope, const at::Tensor& q) {
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& ptr,
                                 const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
-                                const at::Tensor& span, int64_t block, double scale, const at::Tensor& slope) {
+                                const at::Tensor& span, const at::Tensor& first, int64_t block, double scale,
+                                const at::Tensor& slope, bool check) {
   check_qkv(q, k, v);
   check_slope(slope, q);
   const int64_t N = q.size(0), L = q.size(1), D = q.size(2), S = k.size(1), Dv = v.size(2);
-  Plan pl = make_plan(ptr, col, part, forbid, span, block, L, S);
+  Plan pl = make_plan(ptr, col, part, forbid, span, first, block, L, S);
   auto& pool = BufferPool::get();
   auto out = pool.empty({N, L, Dv}, q.options());
   auto lse = pool.empty({N, L}, q.options());
+  std::atomic<bool> bad{false};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_forward", [&] {
     forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), pl, N, D, Dv, (scalar_t)scale,
-                           slope.numel() ? slope.data_ptr<scalar_t>() : nullptr);
+                           slope.numel() ? slope.data_ptr<scalar_t>() : nullptr, check ? &bad : nullptr);
   });
-  return {out, lse};
+  return {out, lse, at::scalar_tensor(check && !bad.load(), at::kBool)};
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& ptr,
                                  const at::Tensor& col, const at::Tensor& part, const at::Tensor& forbid,
-                                 const at::Tensor& span, int64_t block, double scale, const at::Tensor& slope) {
+                                 const at::Tensor& span, const at::Tensor& first, int64_t block, double scale,
+                                 const at::Tensor& slope) {
   check_qkv(q, k, v);
   check_slope(slope, q);
   TORCH_CHECK(out.is_contiguous() && dout.is_contiguous() && lse.is_contiguous(), "out, dout, lse must be contiguous");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
               lse.scalar_type() == q.scalar_type(), "out, dout, lse must share q's dtype");
   const int64_t N = q.size(0), L = q.size(1), D = q.size(2), S = k.size(1), Dv = v.size(2);
-  Plan pl = make_plan(ptr, col, part, forbid, span, block, L, S);
+  Plan pl = make_plan(ptr, col, part, forbid, span, first, block, L, S);
   auto& pool = BufferPool::get();
   auto dq = pool.empty(q.sizes(), q.options()), dk = pool.empty(k.sizes(), k.options());
   auto dv = pool.empty(v.sizes(), v.options());
@@ -559,6 +596,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "tile attention forward over a CSR block plan (optional fused ALiBi): (out, lse)");
+  m.def("forward", &forward, "tile attention forward over a CSR block plan (optional fused ALiBi): (out, lse, "
+        "finite: with check, whether every row it read was finite)");
   m.def("backward", &backward, "tile attention backward over a CSR block plan (optional fused ALiBi): (dq, dk, dv)");
 }
