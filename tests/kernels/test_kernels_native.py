@@ -102,6 +102,40 @@ def test_agrees_with_sdpa_on_a_dense_boolean_mask():
 
 
 @built
+@pytest.mark.parametrize("D,Dv", [(16, 8), (8, 24), (64, 64), (12, 40), (5, 12)])
+@pytest.mark.parametrize("kind", ["window", "gapped", "blocksparse", "documents"])
+def test_register_tiles_match_the_reference_for_every_head_size(kind, D, Dv):
+    """float32 runs QK^T and P V on register tiles (6 rows; keys packed in panels of 16 per chunk of 8 query
+    blocks; values by 16 and 8 columns, Dv % 8 == 0, else MKL): head sizes on both sides of those widths,
+    two chunks (L = 600: 10 blocks), a last block of 24 rows."""
+    L = 600
+    i, j = torch.arange(L)[:, None], torch.arange(L)
+    if kind == "window":
+        mask, dense = masks.window(20, 9), (j >= i - 20) & (j <= i + 9)
+    elif kind == "gapped":
+        mask, dense = masks.mask_mod(_gapped), _gapped(None, None, i, j)
+    elif kind == "blocksparse":
+        tiles = random_mask((10, 10), torch.Generator().manual_seed(5), 0.3)
+        dense = tiles.repeat_interleave(64, 0).repeat_interleave(64, 1)[:L, :L]
+        mask = masks.dense(dense)
+    else:
+        docs = [150, 300, 150]
+        ids = torch.repeat_interleave(torch.arange(3), torch.tensor(docs))
+        mask, dense = masks.documents(docs) & masks.causal(), (ids[:, None] == ids[None, :]) & (j <= i)
+    q, k, v = _qkv(B=1, H=2, L=L, S=L, D=D, Dv=Dv, seed=D + Dv, grad=True)
+    out, lse = attention(q, k, v, mask=mask, backend="native", return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = masked_softmax_attention_ref(q64, k64, v64, dense)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    s = (q.double() @ k.double().transpose(-1, -2) / D ** 0.5).masked_fill(~dense, float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=2e-5, rtol=2e-5)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q64, k64, v64), g.double()),
+                         strict=True):
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=5e-5)
+
+
+@built
 @pytest.mark.parametrize("kind", ["window", "blocksparse", "random-per-head"])
 def test_gradcheck_float64(kind):
     L = S = 70  # two 64-row tiles: a full one and a cut one

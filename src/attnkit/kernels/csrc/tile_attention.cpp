@@ -282,29 +282,30 @@ inline const int32_t* interval_rows(const Plan& pl, int64_t n, int64_t t) {
   return sp[0] < 0 ? nullptr : sp;
 }
 
-// Columns [a[i], b[i]) of the run's rows that can hold an allowed key (see the header), and -inf where a
-// narrowed end tile's interval leaves a gap inside [a, b) (a first tile's row allowing [lo, hi) with hi < Bk);
-// returns whether the first and the last tile were narrowed (their masks then need no evaluation).
+// Columns [a[i], b[i]) of the run's rows that can hold an allowed key (see the header), and (s not null; rows
+// ld apart) -inf where a narrowed end tile's interval leaves a gap inside [a, b) (a first tile's row allowing
+// [lo, hi) with hi < Bk); returns whether the first and the last tile were narrowed (their masks then need no
+// evaluation).
 template <typename T>
 inline std::pair<bool, bool> row_spans(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t m, int64_t w,
-                                       T* s, int64_t* a, int64_t* b) {
+                                       T* s, int64_t ld, int64_t* a, int64_t* b) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const int32_t* first = interval_rows(pl, n, t0);
   const int32_t* last = interval_rows(pl, n, t1 - 1);
   const int64_t Bk = pl.block, c_last = (t1 - 1 - t0) * Bk;  // the runs' tiles are consecutive
   for (int64_t i = 0; i < m; ++i) {
-    T* row = s + i * w;
+    T* row = s ? s + i * ld : nullptr;  // null: the spans only
     int64_t lo = 0, hi = w;
     if (first) {
       lo = first[2 * i];
       const int64_t gap = first[2 * i + 1];  // allowed [lo, gap) of the first tile
       if (t1 - 1 == t0) hi = std::min<int64_t>(gap, w);
-      else if (lo < gap && gap < Bk) std::fill(row + gap, row + Bk, ninf);
+      else if (row && lo < gap && gap < Bk) std::fill(row + gap, row + Bk, ninf);
     }
     if (last && t1 - 1 > t0) {
       const int64_t l0 = last[2 * i], l1 = last[2 * i + 1];
       hi = std::min<int64_t>(c_last + l1, w);
-      if (0 < l0 && l0 < l1) std::fill(row + c_last, row + std::min<int64_t>(c_last + l0, w), ninf);
+      if (row && 0 < l0 && l0 < l1) std::fill(row + c_last, row + std::min<int64_t>(c_last + l0, w), ninf);
       if (l0 >= l1) hi = c_last;  // nothing allowed in the last tile
     }
     a[i] = std::min<int64_t>(lo, w);
@@ -314,10 +315,10 @@ inline std::pair<bool, bool> row_spans(const Plan& pl, int64_t n, int64_t t0, in
 }
 
 // Set forbidden scores of the run's partial tiles to -inf, except the first and last tiles when `skip` says
-// they were narrowed. s: (m, w) with ld w, the run starting at key k0.
+// they were narrowed. s: (m, w), rows ld apart, the run starting at key k0.
 template <typename T>
 inline void mask_run(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t m, int64_t k0, int64_t w, T* s,
-                     std::pair<bool, bool> skip) {
+                     int64_t ld, std::pair<bool, bool> skip) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t Bq = pl.block, Bk = pl.block;
   for (int64_t t = t0; t < t1; ++t) {
@@ -326,7 +327,7 @@ inline void mask_run(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t 
     const bool* f = pl.forbid + ((p * pl.Nm + (pl.Nm == 1 ? 0 : n)) * Bq) * Bk;
     const int64_t c0 = pl.col[t] * Bk - k0, c1 = std::min(c0 + Bk, w);
     for (int64_t i = 0; i < m; ++i) {
-      T* row = s + i * w + c0;
+      T* row = s + i * ld + c0;
       const bool* fr = f + i * Bk;
       for (int64_t j = 0; j < c1 - c0; ++j) row[j] = fr[j] ? ninf : row[j];
     }
@@ -334,15 +335,143 @@ inline void mask_run(const Plan& pl, int64_t n, int64_t t0, int64_t t1, int64_t 
 }
 
 // ALiBi, fused: s[i, j] += slope * (key k0 + j - query q0 + i), the bias FlexAttention's
-// `score + slopes[h] * (kv_idx - q_idx)` adds (the same product, rounded once). s: (m, w) with ld w.
+// `score + slopes[h] * (kv_idx - q_idx)` adds (the same product, rounded once). s: (m, w), rows ld apart.
 template <typename T>
-inline void add_alibi(T* s, int64_t m, int64_t w, int64_t q0, int64_t k0, T slope) {
+inline void add_alibi(T* s, int64_t m, int64_t w, int64_t ld, int64_t q0, int64_t k0, T slope) {
   for (int64_t i = 0; i < m; ++i) {
-    T* row = s + i * w;
+    T* row = s + i * ld;
     const T base = (T)(k0 - q0 - i);
     for (int64_t j = 0; j < w; ++j) row[j] += slope * (base + (T)j);
   }
 }
+
+constexpr int64_t kNR = 16;  // keys per packed panel (two AVX2 vectors)
+constexpr int kMR = 6;       // query rows per register tile
+constexpr int64_t kChunk = 8;  // consecutive query blocks per forward job when the keys are packed
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Panel p of one batch row's keys, transposed: dst[d 16 + c] = k[(16 p + c) D + d]; zero past S.
+inline void pack_panel(const float* k, int64_t S, int64_t D, int64_t p, float* dst) {
+  for (int64_t c = 0; c < kNR; ++c) {
+    const int64_t key = p * kNR + c;
+    if (key < S) {
+      const float* row = k + key * D;
+      for (int64_t d = 0; d < D; ++d) dst[d * kNR + c] = row[d];
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d * kNR + c] = 0.0f;
+    }
+  }
+}
+
+// s[r, 16 j .. 16 j + 16) = scale q[r] . keys of panel j, for r < MR and npanels panels: 12 accumulators.
+template <int MR>
+inline void qk_tiles(const float* q, int64_t D, const float* kp, int64_t npanels, float scale, float* s,
+                     int64_t ld) {
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < npanels; ++j, kp += D * kNR, s += kNR) {
+    __m256 acc0[MR], acc1[MR];
+    for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m256 k0 = _mm256_loadu_ps(kp + d * kNR), k1 = _mm256_loadu_ps(kp + d * kNR + 8);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 x = _mm256_broadcast_ss(q + r * D + d);
+        acc0[r] = _mm256_fmadd_ps(x, k0, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(x, k1, acc1[r]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      _mm256_storeu_ps(s + r * ld, _mm256_mul_ps(acc0[r], sc));
+      _mm256_storeu_ps(s + r * ld + 8, _mm256_mul_ps(acc1[r], sc));
+    }
+  }
+}
+
+// S = scale Q K^T of a block's m rows on the panels that hold some column [a[i], b[i]) of each group of kMR rows
+// (the rest of S is left as it is: no one reads it). kp: the run's first panel; s: rows ld apart.
+inline void qk_rows(const float* q, int64_t D, const float* kp, int64_t m, const int64_t* a, const int64_t* b,
+                    float scale, float* s, int64_t ld) {
+  for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+    const int mr = (int)std::min<int64_t>(kMR, m - r0);
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+    for (int r = 0; r < mr; ++r) {
+      if (a[r0 + r] < b[r0 + r]) {
+        lo = std::min(lo, a[r0 + r]);
+        hi = std::max(hi, b[r0 + r]);
+      }
+    }
+    if (hi <= lo) continue;
+    const int64_t p0 = lo / kNR, p1 = (hi + kNR - 1) / kNR;
+    const float* qr = q + r0 * D;
+    float* sr = s + r0 * ld + p0 * kNR;
+    const float* kr = kp + p0 * D * kNR;
+    switch (mr) {
+      case 6: qk_tiles<6>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      case 5: qk_tiles<5>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      case 4: qk_tiles<4>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      case 3: qk_tiles<3>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      case 2: qk_tiles<2>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      default: qk_tiles<1>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+    }
+  }
+}
+
+// o[r, 0:8 NV] = (init ? 0 : alpha[r] o[r, 0:8 NV]) + sum_{lo <= j < hi} p[r ld + j] v[j Dv + 0:8 NV], r < MR.
+template <int MR, int NV>
+inline void pv_tile(const float* p, int64_t ld, int64_t lo, int64_t hi, const float* v, int64_t Dv, float* o,
+                    bool init, const float* alpha) {
+  __m256 acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    const __m256 a = _mm256_set1_ps(init ? 0.0f : alpha[r]);
+    for (int c = 0; c < NV; ++c)
+      acc[r][c] = init ? _mm256_setzero_ps() : _mm256_mul_ps(a, _mm256_loadu_ps(o + r * Dv + 8 * c));
+  }
+  for (int64_t j = lo; j < hi; ++j) {
+    __m256 vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = _mm256_loadu_ps(v + j * Dv + 8 * c);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 x = _mm256_broadcast_ss(p + r * ld + j);
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm256_fmadd_ps(x, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(o + r * Dv + 8 * c, acc[r][c]);
+}
+
+template <int MR>
+inline void pv_group(const float* p, int64_t ld, int64_t lo, int64_t hi, const float* v, int64_t Dv, float* o,
+                     bool init, const float* alpha) {
+  int64_t d0 = 0;
+  for (; d0 + 16 <= Dv; d0 += 16) pv_tile<MR, 2>(p, ld, lo, hi, v + d0, Dv, o + d0, init, alpha);
+  if (d0 < Dv) pv_tile<MR, 1>(p, ld, lo, hi, v + d0, Dv, o + d0, init, alpha);
+}
+
+// O = P V (init: the block's first run) or O = alpha O + P V for a block's m rows, each group of kMR rows over the
+// columns [min a, max b) its rows can use (P is zero elsewhere); V read in place, rows Dv apart (Dv % 8 == 0).
+inline void pv_rows(const float* p, int64_t ld, int64_t m, const int64_t* a, const int64_t* b, const float* v,
+                    int64_t Dv, float* o, bool init, const float* alpha) {
+  for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+    const int mr = (int)std::min<int64_t>(kMR, m - r0);
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+    for (int r = 0; r < mr; ++r) {
+      if (a[r0 + r] < b[r0 + r]) {
+        lo = std::min(lo, a[r0 + r]);
+        hi = std::max(hi, b[r0 + r]);
+      }
+    }
+    if (hi <= lo) lo = hi = 0;
+    const float* pr = p + r0 * ld;
+    float* orow = o + r0 * Dv;
+    switch (mr) {
+      case 6: pv_group<6>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      case 5: pv_group<5>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      case 4: pv_group<4>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      case 3: pv_group<3>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      case 2: pv_group<2>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      default: pv_group<1>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+    }
+  }
+}
+#endif
 
 // Whether every entry of x[0, n) is finite (x * 0 is NaN for a NaN or an inf, 0 otherwise; vectorized).
 template <typename T>
@@ -365,20 +494,19 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
   const int64_t L = pl.L, S = pl.S, Bq = pl.block, Bk = pl.block;
   const int64_t nq = (L + Bq - 1) / Bq;
   const T ninf = -std::numeric_limits<T>::infinity();
-  struct Scratch {
-    std::vector<T> sbuf, mrow, lrow, alpha;
-    std::vector<int64_t> ra, rb;
-  };
-  dynamic_for(N * nq, [&] {
-    return Scratch{std::vector<T>(Bq * std::max(kMaxRun, pl.block)), std::vector<T>(Bq), std::vector<T>(Bq),
-                   std::vector<T>(Bq), std::vector<int64_t>(Bq), std::vector<int64_t>(Bq)};
-  }, [&](Scratch& sc, int64_t job) {
+  // float32 with AVX2: QK^T on register tiles over key panels, packed per job (a chunk of kChunk consecutive
+  // query blocks of one batch row: each key tile is packed once for the blocks of the chunk that read it)
+  bool tiles = false;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) tiles = Bk % kNR == 0;
+#endif
+  const int64_t chunk = tiles ? kChunk : 1, nchunks = (nq + chunk - 1) / chunk;
+  auto forward_block = [&](auto& sc, int64_t n, int64_t b) {
     T* mrow = sc.mrow.data();
     T* lrow = sc.lrow.data();
     T* alpha = sc.alpha.data();
     int64_t* ra = sc.ra.data();
     int64_t* rb = sc.rb.data();
-    const int64_t n = job / nq, b = job % nq;
     const int64_t q0 = b * Bq, m = std::min(Bq, L - q0);
     const T* qb = q + (n * L + q0) * D;
     const T* kn = k + n * S * D;
@@ -390,12 +518,24 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
     for_runs(pl, b, [&](int64_t t0, int64_t t1) {
       const int64_t k0 = pl.col[t0] * Bk, w = std::min(pl.col[t1 - 1] * Bk + Bk, S) - k0;
       T* s = sc.sbuf.data();
+      const int64_t ld = (w + kNR - 1) / kNR * kNR;  // rows of S: whole key panels
       // S = scale Q K^T
-      gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), s, w);
-      if (slope) add_alibi(s, m, w, q0, k0, slope[n]);
-      mask_run(pl, n, t0, t1, m, k0, w, s, row_spans(pl, n, t0, t1, m, w, s, ra, rb));
+      bool done = false;
+#if defined(__AVX2__) && defined(__FMA__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (tiles) {  // register tiles on the columns each group of rows needs; the run's panels are in order
+          const int64_t slot = std::lower_bound(sc.kt.begin(), sc.kt.end(), pl.col[t0]) - sc.kt.begin();
+          row_spans<T>(pl, n, t0, t1, m, w, nullptr, ld, ra, rb);
+          qk_rows(qb, D, sc.kpack.data() + slot * Bk * D, m, ra, rb, scale, s, ld);
+          done = true;
+        }
+      }
+#endif
+      if (!done) gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), s, ld);
+      if (slope) add_alibi(s, m, w, ld, q0, k0, slope[n]);
+      mask_run(pl, n, t0, t1, m, k0, w, s, ld, row_spans(pl, n, t0, t1, m, w, s, ld, ra, rb));
       for (int64_t i = 0; i < m; ++i) {
-        T* row = s + i * w;
+        T* row = s + i * ld;
         const int64_t a = ra[i], e = rb[i];
         const T mx = row_max(row + a, e - a, mrow[i]);
         if (mx == ninf) {  // nothing allowed yet on this row
@@ -410,16 +550,27 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
         lrow[i] = lrow[i] * alpha[i] + sum;
         mrow[i] = mx;
       }
-      if (!first_run) {
-        for (int64_t i = 0; i < m; ++i) {
-          if (alpha[i] != T(1)) {
-            T* o = ob + i * Dv;
-            for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha[i];
-          }
+      // O = P V (the first run), O = alpha O + P V
+      done = false;
+#if defined(__AVX2__) && defined(__FMA__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (tiles && Dv % 8 == 0) {
+          pv_rows(s, ld, m, ra, rb, vn + k0 * Dv, Dv, ob, first_run, alpha);
+          done = true;
         }
       }
-      // O = P V (the first run), O += P V
-      gemm<T>(false, false, m, Dv, w, T(1), s, w, vn + k0 * Dv, Dv, first_run ? T(0) : T(1), ob, Dv);
+#endif
+      if (!done) {
+        if (!first_run) {
+          for (int64_t i = 0; i < m; ++i) {
+            if (alpha[i] != T(1)) {
+              T* o = ob + i * Dv;
+              for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha[i];
+            }
+          }
+        }
+        gemm<T>(false, false, m, Dv, w, T(1), s, ld, vn + k0 * Dv, Dv, first_run ? T(0) : T(1), ob, Dv);
+      }
       first_run = false;
     });
     if (first_run) std::fill(ob, ob + m * Dv, T(0));  // a block with no tiles
@@ -439,6 +590,32 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, const Plan
       }
       if (!ok) bad->store(true, std::memory_order_relaxed);
     }
+  };
+  struct Scratch {
+    std::vector<T> sbuf, mrow, lrow, alpha;
+    std::vector<int64_t> ra, rb, kt;  // kt: the chunk's key tiles, ascending (their panels lie in kpack in order)
+    std::vector<float> kpack;
+  };
+  dynamic_for(N * nchunks, [&] {
+    const int64_t width = (std::max(kMaxRun, pl.block) + kNR - 1) / kNR * kNR;
+    return Scratch{std::vector<T>(Bq * width), std::vector<T>(Bq), std::vector<T>(Bq), std::vector<T>(Bq),
+                   std::vector<int64_t>(Bq), std::vector<int64_t>(Bq), {}, {}};
+  }, [&](Scratch& sc, int64_t job) {
+    const int64_t n = job / nchunks, b0 = job % nchunks * chunk, b1 = std::min(b0 + chunk, nq);
+#if defined(__AVX2__) && defined(__FMA__)
+    if (tiles) {
+      sc.kt.assign(pl.col + pl.ptr[b0], pl.col + pl.ptr[b1]);
+      std::sort(sc.kt.begin(), sc.kt.end());
+      sc.kt.erase(std::unique(sc.kt.begin(), sc.kt.end()), sc.kt.end());
+      const int64_t per_tile = Bk / kNR * D * kNR;
+      if ((int64_t)sc.kpack.size() < (int64_t)sc.kt.size() * per_tile) sc.kpack.resize(sc.kt.size() * per_tile);
+      const float* kn = reinterpret_cast<const float*>(k) + n * S * D;
+      for (size_t i = 0; i < sc.kt.size(); ++i)
+        for (int64_t p = 0; p < Bk / kNR; ++p)
+          pack_panel(kn, S, D, sc.kt[i] * (Bk / kNR) + p, sc.kpack.data() + i * per_tile + p * D * kNR);
+    }
+#endif
+    for (int64_t b = b0; b < b1; ++b) forward_block(sc, n, b);
   });
 }
 
@@ -486,8 +663,8 @@ void backward_impl(const T* q, const T* k, const T* v, const T* out, const T* do
           T* ds = dsbuf.data();
           // P = exp(scale Q K^T - lse)
           gemm<T>(false, true, m, w, D, scale, qb, D, kn + k0 * D, D, T(0), p, w);
-          if (slope) add_alibi(p, m, w, q0, k0, slope[n]);
-          mask_run(pl, n, t0, t1, m, k0, w, p, row_spans(pl, n, t0, t1, m, w, p, ra, rb));
+          if (slope) add_alibi(p, m, w, w, q0, k0, slope[n]);
+          mask_run(pl, n, t0, t1, m, k0, w, p, w, row_spans(pl, n, t0, t1, m, w, p, w, ra, rb));
           for (int64_t i = 0; i < m; ++i) {
             T* row = p + i * w;
             std::fill(row, row + ra[i], T(0));
