@@ -2,21 +2,25 @@
 
 The mask's plan (:class:`attnkit.masks.BlockMask`, ``block`` x ``block`` tiles) becomes CSR arrays over query
 blocks: each block's key tiles in ascending order, each tile full (no mask evaluated) or partial (its boolean
-tile). The C++ kernel (``kernels/csrc/tile_attention.cpp``, built by :mod:`attnkit.kernels._native`) runs, for
-every batch row and query block in parallel (``at::parallel_for``), the online softmax over runs of consecutive
-tiles read in place by one BLAS GEMM each:
+tile, and the per-row interval of allowed keys where every row allows one: :func:`_spans`). The C++ kernel
+(``kernels/csrc/tile_attention.cpp``, built by :mod:`attnkit.kernels._native`) runs, for every batch row and chunk
+of 8 query blocks in parallel (``at::parallel_for``), the online softmax over runs of consecutive tiles:
 
     S = scale Q_b K_run^T  (-inf where a partial tile forbids) ;  m, l, O updated online ;  out = O / l
     lse = m + log l
 
-and the backward per batch row (one writer for dK, dV: no atomics), recomputing P from the saved lse:
+in float32 on AVX2 register tiles over the columns each 6 rows can use (keys packed per chunk), elsewhere on one
+BLAS GEMM per run read in place; and the backward per batch row (one writer for dK, dV: no atomics), recomputing
+P from the saved lse:
 
     P = exp(S - lse) ;  dV += P^T dO ;  dS = P (dO V^T - rowsum(dO O)) ;  dQ = scale dS K ;  dK += scale dS^T Q
 
 float32 and float64 run as they are; float16/bfloat16 are computed in float32 and cast back. A row with no allowed
-key gets zero output, lse ``-inf`` and zero gradients. Where the extension is not built (no compiler,
-``ATTNKIT_NATIVE=0``) or the tensors are not on the CPU, ``run`` uses the pure-PyTorch block-sparse kernel, and
-``backend="auto"`` never picks this one.
+key gets zero output, lse ``-inf`` and zero gradients. The forward checks every row it reads for NaN/inf
+(:func:`run_checked`), so ``attention`` needs no separate pass over the inputs. Outputs come from a small cache of
+freed buffers (``ATTNKIT_NATIVE_POOL_MB``, default 256 MiB, 0 = off). Where the extension is not built (no
+compiler, ``ATTNKIT_NATIVE=0``) or the tensors are not on the CPU, ``run`` uses the pure-PyTorch block-sparse
+kernel, and ``backend="auto"`` never picks this one.
 
 Shape letters: ``*b`` batch dims flattened to N, L queries, S keys, D, Dv head dims, nq query blocks, T non-empty
 tiles, P partial tiles, Nm batch rows of the mask (1 or N).
