@@ -35,7 +35,6 @@
 #include <limits>
 #include <list>
 #include <mutex>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -387,11 +386,10 @@ inline void qk_tiles(const float* q, int64_t D, const float* kp, int64_t npanels
   }
 }
 
-// For each group of kMR rows r0 .. r0 + mr of a block's m rows: f(MR, r0, lo, hi), MR the group's row count as a
-// compile-time constant (std::integral_constant), [lo, hi) the columns some of its rows can use ([min a, max b)
-// over rows with a[i] < b[i]; lo = hi = 0 where none can).
-template <typename F>
-inline void for_row_groups(int64_t m, const int64_t* a, const int64_t* b, F f) {
+// S = scale Q K^T of a block's m rows on the panels that hold some column [a[i], b[i]) of each group of kMR rows
+// (the rest of S is left as it is: no one reads it). kp: the run's first panel; s: rows ld apart.
+inline void qk_rows(const float* q, int64_t D, const float* kp, int64_t m, const int64_t* a, const int64_t* b,
+                    float scale, float* s, int64_t ld) {
   for (int64_t r0 = 0; r0 < m; r0 += kMR) {
     const int mr = (int)std::min<int64_t>(kMR, m - r0);
     int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
@@ -401,27 +399,20 @@ inline void for_row_groups(int64_t m, const int64_t* a, const int64_t* b, F f) {
         hi = std::max(hi, b[r0 + r]);
       }
     }
-    if (hi <= lo) lo = hi = 0;
+    if (hi <= lo) continue;
+    const int64_t p0 = lo / kNR, p1 = (hi + kNR - 1) / kNR;
+    const float* qr = q + r0 * D;
+    float* sr = s + r0 * ld + p0 * kNR;
+    const float* kr = kp + p0 * D * kNR;
     switch (mr) {
-      case 6: f(std::integral_constant<int, 6>{}, r0, lo, hi); break;
-      case 5: f(std::integral_constant<int, 5>{}, r0, lo, hi); break;
-      case 4: f(std::integral_constant<int, 4>{}, r0, lo, hi); break;
-      case 3: f(std::integral_constant<int, 3>{}, r0, lo, hi); break;
-      case 2: f(std::integral_constant<int, 2>{}, r0, lo, hi); break;
-      default: f(std::integral_constant<int, 1>{}, r0, lo, hi); break;
+      case 6: qk_tiles<6>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      case 5: qk_tiles<5>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      case 4: qk_tiles<4>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      case 3: qk_tiles<3>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      case 2: qk_tiles<2>(qr, D, kr, p1 - p0, scale, sr, ld); break;
+      default: qk_tiles<1>(qr, D, kr, p1 - p0, scale, sr, ld); break;
     }
   }
-}
-
-// S = scale Q K^T of a block's m rows on the panels that hold some column [a[i], b[i]) of each group of kMR rows
-// (the rest of S is left as it is: no one reads it). kp: the run's first panel; s: rows ld apart.
-inline void qk_rows(const float* q, int64_t D, const float* kp, int64_t m, const int64_t* a, const int64_t* b,
-                    float scale, float* s, int64_t ld) {
-  for_row_groups(m, a, b, [&](auto MR, int64_t r0, int64_t lo, int64_t hi) {
-    if (hi <= lo) return;
-    const int64_t p0 = lo / kNR, p1 = (hi + kNR - 1) / kNR;
-    qk_tiles<decltype(MR)::value>(q + r0 * D, D, kp + p0 * D * kNR, p1 - p0, scale, s + r0 * ld + p0 * kNR, ld);
-  });
 }
 
 // o[r, 0:8 NV] = (init ? 0 : alpha[r] o[r, 0:8 NV]) + sum_{lo <= j < hi} p[r ld + j] v[j Dv + 0:8 NV], r < MR.
@@ -458,9 +449,27 @@ inline void pv_group(const float* p, int64_t ld, int64_t lo, int64_t hi, const f
 // columns [min a, max b) its rows can use (P is zero elsewhere); V read in place, rows Dv apart (Dv % 8 == 0).
 inline void pv_rows(const float* p, int64_t ld, int64_t m, const int64_t* a, const int64_t* b, const float* v,
                     int64_t Dv, float* o, bool init, const float* alpha) {
-  for_row_groups(m, a, b, [&](auto MR, int64_t r0, int64_t lo, int64_t hi) {
-    pv_group<decltype(MR)::value>(p + r0 * ld, ld, lo, hi, v, Dv, o + r0 * Dv, init, alpha + r0);
-  });
+  for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+    const int mr = (int)std::min<int64_t>(kMR, m - r0);
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+    for (int r = 0; r < mr; ++r) {
+      if (a[r0 + r] < b[r0 + r]) {
+        lo = std::min(lo, a[r0 + r]);
+        hi = std::max(hi, b[r0 + r]);
+      }
+    }
+    if (hi <= lo) lo = hi = 0;
+    const float* pr = p + r0 * ld;
+    float* orow = o + r0 * Dv;
+    switch (mr) {
+      case 6: pv_group<6>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      case 5: pv_group<5>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      case 4: pv_group<4>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      case 3: pv_group<3>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      case 2: pv_group<2>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+      default: pv_group<1>(pr, ld, lo, hi, v, Dv, orow, init, alpha + r0); break;
+    }
+  }
 }
 #endif
 
