@@ -386,19 +386,26 @@ inline void qk_tiles(const float* q, int64_t D, const float* kp, int64_t npanels
   }
 }
 
+// [lo, hi): the columns some of the mr rows can use ([min a, max b) over rows with a[i] < b[i]); hi <= lo if none.
+inline void group_columns(const int64_t* a, const int64_t* b, int mr, int64_t& lo, int64_t& hi) {
+  lo = std::numeric_limits<int64_t>::max();
+  hi = 0;
+  for (int r = 0; r < mr; ++r) {
+    if (a[r] < b[r]) {
+      lo = std::min(lo, a[r]);
+      hi = std::max(hi, b[r]);
+    }
+  }
+}
+
 // S = scale Q K^T of a block's m rows on the panels that hold some column [a[i], b[i]) of each group of kMR rows
 // (the rest of S is left as it is: no one reads it). kp: the run's first panel; s: rows ld apart.
 inline void qk_rows(const float* q, int64_t D, const float* kp, int64_t m, const int64_t* a, const int64_t* b,
                     float scale, float* s, int64_t ld) {
   for (int64_t r0 = 0; r0 < m; r0 += kMR) {
     const int mr = (int)std::min<int64_t>(kMR, m - r0);
-    int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
-    for (int r = 0; r < mr; ++r) {
-      if (a[r0 + r] < b[r0 + r]) {
-        lo = std::min(lo, a[r0 + r]);
-        hi = std::max(hi, b[r0 + r]);
-      }
-    }
+    int64_t lo, hi;
+    group_columns(a + r0, b + r0, mr, lo, hi);
     if (hi <= lo) continue;
     const int64_t p0 = lo / kNR, p1 = (hi + kNR - 1) / kNR;
     const float* qr = q + r0 * D;
@@ -451,13 +458,8 @@ inline void pv_rows(const float* p, int64_t ld, int64_t m, const int64_t* a, con
                     int64_t Dv, float* o, bool init, const float* alpha) {
   for (int64_t r0 = 0; r0 < m; r0 += kMR) {
     const int mr = (int)std::min<int64_t>(kMR, m - r0);
-    int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
-    for (int r = 0; r < mr; ++r) {
-      if (a[r0 + r] < b[r0 + r]) {
-        lo = std::min(lo, a[r0 + r]);
-        hi = std::max(hi, b[r0 + r]);
-      }
-    }
+    int64_t lo, hi;
+    group_columns(a + r0, b + r0, mr, lo, hi);
     if (hi <= lo) lo = hi = 0;
     const float* pr = p + r0 * ld;
     float* orow = o + r0 * Dv;
