@@ -18,6 +18,8 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for name in COMMANDS:
         assert name in out
+    for env in ("ATTNKIT_NATIVE=0", "ATTNKIT_CACHE", "ATTNKIT_NATIVE_POOL_MB"):  # the compiled kernel's switches
+        assert env in out
 
 
 def test_no_command_prints_help(capsys):

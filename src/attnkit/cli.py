@@ -28,6 +28,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnkit",
         description="attnkit: attention mechanisms for PyTorch, with recipes you can run.",
+        epilog="environment: ATTNKIT_NATIVE=0 keeps the pure-PyTorch kernels (no compiled CPU kernel); "
+               "ATTNKIT_CACHE moves its build cache (default ~/.cache/attnkit); ATTNKIT_NATIVE_POOL_MB caps the "
+               "freed output buffers it keeps for reuse (default 256, 0 = none). README: 'Compiled CPU tile "
+               "kernel'.",
     )
     from attnkit import __version__
 

@@ -281,6 +281,15 @@ def test_the_forward_reports_a_nan_or_inf_in_exactly_the_rows_it_reads(dtype):
                 torch.testing.assert_close(res[0], out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("raw", ["abc", "-5", "1.5", ""])
+def test_a_bad_output_cache_size_is_a_clear_error(monkeypatch, raw):
+    monkeypatch.setenv("ATTNKIT_NATIVE_POOL_MB", raw)
+    with pytest.raises(ValueError, match=r"ATTNKIT_NATIVE_POOL_MB must be a whole number of MiB.*got"):
+        _native.extension()
+    monkeypatch.setenv("ATTNKIT_NATIVE_POOL_MB", " 64 ")
+    _native.extension()  # whole MiB: fine
+
+
 def test_plan_arrays_list_each_block_s_tiles_and_partial_masks():
     mask = masks.window(70, 0)  # 64-row tiles: diagonal partial, the one left of it partial, others full
     plan = mask.plan(200, 200, 64, batch_ndim=2)

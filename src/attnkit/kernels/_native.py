@@ -83,8 +83,17 @@ def _build():
                 extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
+def _check_pool_env() -> None:
+    """``ATTNKIT_NATIVE_POOL_MB`` (the kernel's output cache, read by the C++ once) must be whole MiB >= 0."""
+    raw = os.environ.get("ATTNKIT_NATIVE_POOL_MB")
+    if raw is not None and not raw.strip().isdigit():
+        raise ValueError(f"ATTNKIT_NATIVE_POOL_MB must be a whole number of MiB, 0 or more (0 turns the native "
+                         f"kernel's output cache off; unset means 256); got {raw!r}.")
+
+
 def extension():
     """The loaded extension module, or None (with one warning per process) where it cannot be built."""
+    _check_pool_env()
     if "module" in _state:
         return _state["module"]
     reason = _why_not()

@@ -44,7 +44,7 @@ __all__ = ["native_attention"]
 _TILE = 64  # query rows and key columns of a tile: a +-128 window computes 320 keys a row for 257 needed
 
 
-def _csr(plan: BlockMask, batch: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _csr(plan: BlockMask, batch: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``ptr`` (nq + 1,), ``col`` (T,), ``part`` (T,) int64, ``forbid`` (P, Nm, Bq, Bk) bool, its ``span``
     (P, Nm, Bq, 2) int32 (:func:`_spans`) and ``first`` (T,) bool (:func:`_first_uses`) of ``plan``."""
     nq = -(-plan.L // plan.block)
